@@ -1,0 +1,63 @@
+"""ctrlupload: stream render output to S3 through backend-issued presigned URLs.
+
+The renderer holds no cloud credentials. A backend presigns each upload, the renderer
+streams the bytes straight to storage, then tells the backend it is done::
+
+    from ctrlupload import get_storage_provider, render_asset_key
+
+    with get_storage_provider() as storage:
+        key = render_asset_key("V-001", "S-001", "JOB-123", "video")
+        result = storage.put_file("out/video.mp4", key)
+        print(result.url)
+
+Everything is synchronous and thread-safe: share one provider across a thread pool.
+"""
+
+from ._errors import (
+    BackendError,
+    IntegrityError,
+    InvalidKeyError,
+    SourceFileError,
+    StorageConfigError,
+    StorageError,
+    StorageTransferError,
+    StorageUploadError,
+    TransportFailure,
+    UploadTooLargeError,
+)
+from ._keys import guess_content_type, render_asset_key, validate_key
+from ._providers import (
+    BackendPresignedStorageProvider,
+    BaseStorageProvider,
+    LocalStorageProvider,
+    StorageResult,
+    get_storage_provider,
+)
+from ._settings import Settings, StorageProvider
+from ._streams import ProgressCallback
+from ._version import __version__
+
+__all__ = [
+    "BackendError",
+    "BackendPresignedStorageProvider",
+    "BaseStorageProvider",
+    "IntegrityError",
+    "InvalidKeyError",
+    "LocalStorageProvider",
+    "ProgressCallback",
+    "Settings",
+    "SourceFileError",
+    "StorageConfigError",
+    "StorageError",
+    "StorageProvider",
+    "StorageResult",
+    "StorageTransferError",
+    "StorageUploadError",
+    "TransportFailure",
+    "UploadTooLargeError",
+    "__version__",
+    "get_storage_provider",
+    "guess_content_type",
+    "render_asset_key",
+    "validate_key",
+]

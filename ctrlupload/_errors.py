@@ -1,0 +1,154 @@
+"""Every exception ctrlupload raises, on one page.
+
+::
+
+    StorageError                  base of everything ctrlupload raises
+    ├── StorageConfigError        a setting is missing or has a bad value
+    └── StorageUploadError        an upload-time failure; code STORAGE_UPLOAD_FAILED
+        ├── InvalidKeyError       the object key breaks a key rule      (phase "validate")
+        ├── UploadTooLargeError   the body exceeds VIDEO_MAX_UPLOAD_BYTES (phase "validate")
+        ├── SourceFileError       the file is missing, unreadable or changed (phase "source")
+        ├── BackendError          presign / complete / delete call failed
+        │                         (phase "presign", "complete" or "delete")
+        ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
+        └── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
+
+``str(StorageUploadError)`` is ``Storage upload failed for '<key>': <reason>``, the text
+existing deployments match on. Messages never hold the service token or a presigned
+URL's query string; the cause of a transport failure is chained as a
+:class:`TransportFailure` whose text has been redacted the same way.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "IntegrityError",
+    "InvalidKeyError",
+    "SourceFileError",
+    "StorageConfigError",
+    "StorageError",
+    "StorageTransferError",
+    "StorageUploadError",
+    "TransportFailure",
+    "UploadTooLargeError",
+]
+
+STORAGE_UPLOAD_FAILED = "STORAGE_UPLOAD_FAILED"
+
+
+class StorageError(Exception):
+    """Base of every exception raised by ctrlupload."""
+
+
+class StorageConfigError(StorageError, ValueError):
+    """A setting is missing or invalid.
+
+    Attributes:
+        variable: The environment variable name at fault, when there is one.
+    """
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class StorageUploadError(StorageError):
+    """An upload, delete or related storage operation failed.
+
+    Attributes:
+        key: The object key the operation was for.
+        reason: The human-readable reason, without the key prefix.
+        phase: Which step failed: ``validate``, ``source``, ``presign``, ``upload``,
+            ``integrity``, ``complete``, ``delete`` or ``progress``.
+        status_code: The HTTP status that caused the failure, when there was one.
+        code: Always ``"STORAGE_UPLOAD_FAILED"``, the render pipeline's error code.
+    """
+
+    code = STORAGE_UPLOAD_FAILED
+    default_phase = "upload"
+
+    def __init__(
+        self,
+        key: str,
+        reason: str,
+        *,
+        phase: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(f"Storage upload failed for '{key}': {reason}")
+        self.key = key
+        self.reason = reason
+        self.phase = phase or self.default_phase
+        self.status_code = status_code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keeps the error picklable, so it survives a ProcessPoolExecutor.
+        return (
+            _rebuild_upload_error,
+            (type(self), self.key, self.reason, self.phase, self.status_code),
+        )
+
+
+def _rebuild_upload_error(
+    cls: type[StorageUploadError],
+    key: str,
+    reason: str,
+    phase: str,
+    status_code: int | None,
+) -> StorageUploadError:
+    return cls(key, reason, phase=phase, status_code=status_code)
+
+
+class InvalidKeyError(StorageUploadError):
+    """The object key breaks one of the key rules."""
+
+    default_phase = "validate"
+
+
+class UploadTooLargeError(StorageUploadError):
+    """The body is larger than ``VIDEO_MAX_UPLOAD_BYTES``."""
+
+    default_phase = "validate"
+
+
+class SourceFileError(StorageUploadError):
+    """The source could not be read, or changed while it was being uploaded."""
+
+    default_phase = "source"
+
+
+class BackendError(StorageUploadError):
+    """A call to the backend's internal storage API failed."""
+
+    default_phase = "presign"
+
+
+class StorageTransferError(StorageUploadError):
+    """Sending the body to the presigned URL failed."""
+
+    default_phase = "upload"
+
+
+class IntegrityError(StorageUploadError):
+    """Storage reported an ETag that does not match the MD5 of the bytes sent."""
+
+    default_phase = "integrity"
+
+
+class TransportFailure(Exception):
+    """A redacted stand-in for a requests or urllib3 exception, chained as the cause.
+
+    The original exception's text can hold a presigned URL with its signature, so it
+    is never chained itself; this keeps its type name and its redacted text.
+
+    Attributes:
+        original_type: Qualified name of the exception this stands in for.
+    """
+
+    def __init__(self, message: str, original_type: str) -> None:
+        super().__init__(message)
+        self.original_type = original_type
+
+    def __str__(self) -> str:
+        return f"{self.original_type}: {self.args[0]}"

@@ -1,0 +1,230 @@
+"""Settings: the seed's environment variables plus the client's own STORAGE_* knobs.
+
+Loading has no side effects: ``.env`` is read with ``dotenv_values`` and never written
+into ``os.environ``, and the real environment wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from ._errors import StorageConfigError
+
+__all__ = ["DEFAULT_SEND_BLOCK_BYTES", "Settings", "StorageProvider"]
+
+MIB: Final = 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES: Final = 104_857_600
+DEFAULT_SEND_BLOCK_BYTES: Final = 1 * MIB
+DEFAULT_RETRY_ATTEMPTS: Final = 5
+DEFAULT_MAX_CONNECTIONS: Final = 32
+
+
+class StorageProvider(StrEnum):
+    """Where uploads go; the value of ``STORAGE_PROVIDER``."""
+
+    LOCAL = "local"
+    S3 = "s3"
+    MINIO = "minio"
+    BACKEND_PRESIGNED = "backend_presigned"
+
+
+class Settings(BaseModel):
+    """Configuration, one field per environment variable.
+
+    Build it in code with the field names (``Settings(storage_provider="local")``) or
+    with the environment names (``Settings(STORAGE_PROVIDER="local")``), or load it with
+    :meth:`from_env`. Instances are immutable and safe to share between threads.
+    The service token is a ``SecretStr``: it never shows in a repr.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    storage_provider: StorageProvider = Field(
+        StorageProvider.LOCAL,
+        alias="STORAGE_PROVIDER",
+        description="Which provider get_storage_provider() builds.",
+    )
+    backend_base_url: str | None = Field(
+        None,
+        alias="BACKEND_BASE_URL",
+        description="Base URL of the backend that issues presigned URLs.",
+    )
+    backend_service_token: SecretStr | None = Field(
+        None,
+        alias="BACKEND_SERVICE_TOKEN",
+        description="Bearer token for the backend's internal API; sent to no other origin.",
+    )
+    backend_storage_presign_path: str = Field(
+        "/internal/storage/presign-put", alias="BACKEND_STORAGE_PRESIGN_PATH"
+    )
+    backend_storage_complete_path: str = Field(
+        "/internal/storage/complete", alias="BACKEND_STORAGE_COMPLETE_PATH"
+    )
+    backend_storage_delete_path: str = Field(
+        "/internal/storage/delete", alias="BACKEND_STORAGE_DELETE_PATH"
+    )
+    video_max_upload_bytes: int = Field(
+        DEFAULT_MAX_UPLOAD_BYTES,
+        alias="VIDEO_MAX_UPLOAD_BYTES",
+        ge=0,
+        description="Largest body accepted, checked before any network call.",
+    )
+    storage_public_base_url: str | None = Field(
+        None,
+        alias="STORAGE_PUBLIC_BASE_URL",
+        description="get_url(key) returns this + '/' + key when set.",
+    )
+    storage_local_root: Path = Field(
+        Path("storage"),
+        alias="STORAGE_LOCAL_ROOT",
+        description="Root directory of the local provider.",
+    )
+    storage_connect_timeout_s: float = Field(10.0, alias="STORAGE_CONNECT_TIMEOUT_S", gt=0)
+    storage_read_timeout_s: float = Field(120.0, alias="STORAGE_READ_TIMEOUT_S", gt=0)
+    storage_retry_attempts: int = Field(
+        DEFAULT_RETRY_ATTEMPTS,
+        alias="STORAGE_RETRY_ATTEMPTS",
+        ge=1,
+        le=100,
+        description="Attempts per HTTP request, the first included.",
+    )
+    storage_retry_backoff_s: float = Field(
+        0.5,
+        alias="STORAGE_RETRY_BACKOFF_S",
+        ge=0,
+        description="Backoff factor: waits are factor * 2**(retry - 1) seconds.",
+    )
+    storage_retry_backoff_max_s: float = Field(
+        20.0,
+        alias="STORAGE_RETRY_BACKOFF_MAX_S",
+        ge=0,
+        description="Longest wait between attempts, Retry-After included.",
+    )
+    storage_send_block_bytes: int = Field(
+        DEFAULT_SEND_BLOCK_BYTES,
+        alias="STORAGE_SEND_BLOCK_BYTES",
+        ge=4096,
+        le=64 * MIB,
+        description="Bytes read from the file and handed to the socket at a time.",
+    )
+    storage_max_connections: int = Field(
+        DEFAULT_MAX_CONNECTIONS,
+        alias="STORAGE_MAX_CONNECTIONS",
+        ge=1,
+        le=1024,
+        description="Kept-alive connections per host; set it to at least your thread count.",
+    )
+    storage_verify_md5: bool = Field(
+        True,
+        alias="STORAGE_VERIFY_MD5",
+        description="Check a plain-MD5 ETag against the MD5 of the bytes sent.",
+    )
+
+    @field_validator("backend_base_url", "storage_public_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query string or fragment")
+        return value.rstrip("/")
+
+    @field_validator(
+        "backend_storage_presign_path",
+        "backend_storage_complete_path",
+        "backend_storage_delete_path",
+    )
+    @classmethod
+    def _api_path(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or "#" in value:
+            raise ValueError("must be a path starting with '/'")
+        return value
+
+    @field_validator("backend_service_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        if any(char.isspace() for char in value.get_secret_value()):
+            raise ValueError("must not contain whitespace")
+        return value
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        dotenv_path: str | os.PathLike[str] | None = ".env",
+    ) -> Settings:
+        """Load settings from the environment and a ``.env`` file.
+
+        Args:
+            environ: Variables to read; defaults to ``os.environ``.
+            dotenv_path: A dotenv file read beneath ``environ`` (the environment wins),
+                ``.env`` in the working directory by default; ``None`` skips it. A
+                missing file is not an error.
+
+        Returns:
+            The loaded settings.
+
+        Raises:
+            StorageConfigError: A variable has a bad value; the message names it and
+                never repeats a secret.
+        """
+        source = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            values.update(
+                (name, value)
+                for name, value in dotenv_values(dotenv_path).items()
+                if name in _ENV_NAMES and value is not None
+            )
+        values.update((name, source[name]) for name in _ENV_NAMES if name in source)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Validate a mapping of environment names to values.
+
+        Args:
+            values: For example ``{"STORAGE_PROVIDER": "local"}``.
+
+        Returns:
+            The settings.
+
+        Raises:
+            StorageConfigError: A value is invalid or a name is unknown.
+        """
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            variable = ".".join(str(part) for part in first["loc"])
+            message = f"{variable}: {first['msg']}"
+            if len(exc.errors()) > 1:
+                message += f" (and {len(exc.errors()) - 1} more problems)"
+            # The pydantic error quotes the input, which may be the token: not chained.
+            raise StorageConfigError(f"Invalid setting {message}", variable=variable) from None
+
+
+_ENV_NAMES: Final = frozenset(
+    field.alias for field in Settings.model_fields.values() if field.alias is not None
+)

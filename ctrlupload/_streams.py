@@ -1,0 +1,381 @@
+"""File windows, MD5 while sending, and monotonic progress.
+
+A :class:`FileWindow` is what requests and urllib3 get as a request body. It reports
+its length honestly (so requests sends ``Content-Length``, never chunked framing) and
+supports ``tell``/``seek`` (so urllib3 can rewind it when it retries). It never holds
+more than one block of the file.
+
+Shared between threads: nothing here but a :class:`ProgressTracker` (locked). Windows
+and hashers belong to one upload attempt on one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import stat as stat_module
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Final, Protocol
+
+from ._errors import SourceFileError
+
+__all__ = [
+    "FileWindow",
+    "Md5Hasher",
+    "ProgressCallback",
+    "ProgressTracker",
+    "SourceReader",
+    "open_source",
+]
+
+#: Bodies at least this large are hashed on a helper thread, overlapping with sending.
+DEFAULT_THREADED_HASH_MIN_BYTES: Final = 8 * 1024 * 1024
+_HASH_QUEUE_BLOCKS: Final = 8
+
+
+class ProgressCallback(Protocol):
+    """Called as ``progress(bytes_done, bytes_total)``, possibly from another thread."""
+
+    def __call__(self, bytes_done: int, bytes_total: int, /) -> None: ...
+
+
+class ProgressTracker:
+    """Reports progress that never goes back, never passes the total, and reaches it
+    only when :meth:`finish` confirms the upload.
+
+    Retries re-read bytes that were already counted; windows report only bytes past
+    their own high-water mark, so a retry never double-counts.
+    """
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self._callback = callback
+        self._done = 0
+        self._reported = -1
+        self._lock = threading.Lock()
+
+    def add(self, delta: int) -> None:
+        """Count ``delta`` more bytes as sent (held below the total until finish)."""
+        if delta <= 0:
+            return
+        with self._lock:
+            self._done += delta
+            self._report(min(self._done, self.total - 1))
+
+    def start(self) -> None:
+        """Report ``0`` once, so a caller sees the total before the first byte."""
+        with self._lock:
+            if self.total > 0:
+                self._report(0)
+
+    def finish(self) -> None:
+        """Report the total: the upload is confirmed."""
+        with self._lock:
+            self._report(self.total)
+
+    def _report(self, value: int) -> None:
+        # Called with the lock held, so callbacks arrive in order.
+        if value > self._reported and self._callback is not None:
+            self._reported = value
+            self._callback(value, self.total)
+        elif value > self._reported:
+            self._reported = value
+
+
+class Md5Hasher:
+    """MD5 of a byte stream, optionally computed on a helper thread.
+
+    ``hashlib`` releases the GIL while hashing large buffers, so a helper thread runs
+    in parallel with the socket send instead of adding to it.
+    """
+
+    def __init__(self, *, threaded: bool) -> None:
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(maxsize=_HASH_QUEUE_BLOCKS)
+            self._thread = threading.Thread(target=self._run, name="ctrlupload-md5", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (block := self._queue.get()) is not None:
+            self._md5.update(block)
+
+    def update(self, block: bytes) -> None:
+        """Add ``block`` to the digest."""
+        if self._queue is None:
+            self._md5.update(block)
+        else:
+            self._queue.put(block)
+
+    def close(self) -> None:
+        """Stop the helper thread, if any; safe to call more than once."""
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        """Wait for pending blocks and return the hex digest."""
+        self.close()
+        return self._md5.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Identity:
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+class SourceReader:
+    """Positional reads from a file or binary file object, safe across threads.
+
+    Args:
+        read_at: ``(offset, size) -> bytes``.
+        size: Bytes the source held when the upload started.
+        check_unchanged: Raises if the source changed since it was opened.
+        close: Releases what this reader opened.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        read_at: Callable[[int, int], bytes],
+        size: int,
+        check_unchanged: Callable[[], str | None] = lambda: None,
+        close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.key = key
+        self.size = size
+        self._read_at = read_at
+        self._check_unchanged = check_unchanged
+        self._close = close
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset``; wraps OS errors in SourceFileError."""
+        try:
+            return self._read_at(offset, size)
+        except OSError as exc:
+            raise SourceFileError(
+                self.key, f"Could not read source: {exc.strerror or exc}"
+            ) from exc
+
+    def verify_unchanged(self) -> None:
+        """Raise SourceFileError if the file's size or mtime moved since it was opened."""
+        try:
+            problem = self._check_unchanged()
+        except OSError as exc:
+            raise SourceFileError(
+                self.key, f"Could not stat source: {exc.strerror or exc}"
+            ) from exc
+        if problem is not None:
+            raise SourceFileError(self.key, f"Source file changed during upload: {problem}")
+
+    def close(self) -> None:
+        """Release the file handle this reader opened, if any."""
+        self._close()
+
+    def __enter__(self) -> SourceReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_source(key: str, path: str | os.PathLike[str]) -> SourceReader:
+    """Open a file for upload and remember its identity to detect changes.
+
+    Raises:
+        SourceFileError: The path is missing, a directory, not a regular file or not
+            readable.
+    """
+    shown = os.fspath(path)
+    try:
+        fd = os.open(shown, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError as exc:
+        raise SourceFileError(key, f"Source file not found: {shown}") from exc
+    except IsADirectoryError as exc:
+        raise SourceFileError(key, f"Source path is a directory: {shown}") from exc
+    except PermissionError as exc:
+        raise SourceFileError(key, f"Source file is not readable: {shown}") from exc
+    except OSError as exc:
+        raise SourceFileError(key, f"Could not open source {shown}: {exc.strerror}") from exc
+    try:
+        stat = os.fstat(fd)
+        if stat_module.S_ISDIR(stat.st_mode):
+            raise SourceFileError(key, f"Source path is a directory: {shown}")
+        if not stat_module.S_ISREG(stat.st_mode):
+            raise SourceFileError(key, f"Source is not a regular file: {shown}")
+    except BaseException:
+        os.close(fd)
+        raise
+    identity = _Identity(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    def check_unchanged() -> str | None:
+        now = os.fstat(fd)
+        if now.st_size != identity.size:
+            return f"size went from {identity.size} to {now.st_size} bytes"
+        if now.st_mtime_ns != identity.mtime_ns:
+            return "it was modified (mtime changed)"
+        return None
+
+    return SourceReader(
+        key,
+        _fd_reader(fd),
+        identity.size,
+        check_unchanged=check_unchanged,
+        close=lambda: os.close(fd),
+    )
+
+
+def _fd_reader(fd: int) -> Callable[[int, int], bytes]:
+    if hasattr(os, "pread"):
+        return lambda offset, size: os.pread(fd, size, offset)
+    lock = threading.Lock()
+
+    def read_at(offset: int, size: int) -> bytes:  # pragma: no cover - Windows
+        with lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, size)
+
+    return read_at
+
+
+def object_source(key: str, data: bytes | bytearray | memoryview | BinaryIO) -> SourceReader:
+    """Wrap bytes or a seekable binary file object, from its current position.
+
+    Raises:
+        SourceFileError: The object is text, not readable or not seekable.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data).cast("B")
+        return SourceReader(
+            key, lambda offset, size: bytes(view[offset : offset + size]), len(view)
+        )
+    if isinstance(data, io.TextIOBase):
+        raise SourceFileError(key, "put_object needs bytes or a binary file object, not text")
+    if not callable(getattr(data, "read", None)):
+        raise SourceFileError(
+            key, f"put_object needs bytes or a binary file object, not {type(data).__name__}"
+        )
+    try:
+        if not data.seekable():
+            raise SourceFileError(
+                key,
+                "put_object needs a seekable file object (its length must be known "
+                "and a retry must rewind it)",
+            )
+        start = data.tell()
+        end = data.seek(0, io.SEEK_END)
+        data.seek(start)
+    except (OSError, ValueError) as exc:
+        raise SourceFileError(key, f"Could not size the file object: {exc}") from exc
+    lock = threading.Lock()
+
+    def read_at(offset: int, size: int) -> bytes:
+        with lock:
+            data.seek(start + offset)
+            block = data.read(size)
+        if not isinstance(block, bytes):
+            raise SourceFileError(key, "the file object's read() did not return bytes")
+        return block
+
+    return SourceReader(key, read_at, max(0, end - start))
+
+
+class FileWindow:
+    """A read-only window of ``length`` bytes at ``offset`` in a source.
+
+    ``len()`` is the window's length, ``tell``/``seek`` move within it, and ``read``
+    never returns bytes past its end. Bytes read for the first time are counted
+    towards progress and fed to the hasher; re-reads after a rewind are neither.
+    When the window is read to its end it checks that the source has not changed, and
+    raises before the last byte goes out if it has, so storage never completes a body
+    that no longer matches the file.
+
+    It is deliberately not an ``io`` object: requests treats anything iterable as a
+    stream of unknown framing, while an object with ``read`` and ``__len__`` gets a
+    ``Content-Length``.
+    """
+
+    def __init__(
+        self,
+        source: SourceReader,
+        offset: int,
+        length: int,
+        *,
+        hasher: Md5Hasher | None = None,
+        progress: ProgressTracker | None = None,
+    ) -> None:
+        self._source = source
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+        self._high_water = 0
+        self._hasher = hasher
+        self._progress = progress
+        self.hash_complete = hasher is not None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bool__(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        """Position within the window."""
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move within the window; positions past the end clamp to the end."""
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        elif whence == io.SEEK_END:
+            target = self._length + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if target < 0:
+            raise ValueError("negative seek position")
+        self._pos = min(target, self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes (all that is left when ``size`` is negative)."""
+        remaining = self._length - self._pos
+        if remaining <= 0:
+            return b""
+        want = remaining if size is None or size < 0 else min(size, remaining)
+        block = self._source.read_at(self._offset + self._pos, want)
+        if len(block) < want:
+            raise SourceFileError(
+                self._source.key,
+                f"Source file changed during upload: it ended {remaining - len(block)} bytes early",
+            )
+        end = self._pos + len(block)
+        if end == self._length:
+            self._source.verify_unchanged()
+        if end > self._high_water:
+            self._count_fresh(block, end)
+        self._pos = end
+        return block
+
+    def _count_fresh(self, block: bytes, end: int) -> None:
+        if self._hasher is not None:
+            if self._pos > self._high_water:
+                # A forward seek skipped bytes: the digest can no longer be trusted.
+                self.hash_complete = False
+            elif self.hash_complete:
+                skip = self._high_water - self._pos
+                self._hasher.update(block[skip:] if skip else block)
+        if self._progress is not None:
+            self._progress.add(end - self._high_water)
+        self._high_water = end

@@ -1,0 +1,289 @@
+"""HTTP transport: the only module that imports requests.
+
+One :class:`Transport` owns one ``requests.Session`` whose adapters are mounted once,
+at construction, and never changed. What is shared between threads:
+
+* the urllib3 connection pools inside the mounted adapters (thread-safe; their size is
+  ``STORAGE_MAX_CONNECTIONS`` per host, so a pool of that many threads never opens and
+  throws away surplus connections);
+* the immutable retry policy and timeouts.
+
+The session's one mutable part, its cookie jar, is locked by ``http.cookiejar`` and set
+to refuse every cookie: the client keeps no state between requests. Everything else
+(request bodies, responses) belongs to the calling thread.
+
+Retries belong to urllib3 alone (connect and read errors, 429 and 5xx, Retry-After
+honoured); nothing above this module retries a transport fault.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any, Final
+
+import requests
+import requests.adapters
+import requests.auth
+import urllib3.exceptions
+from urllib3.util.retry import Retry
+
+from ._errors import TransportFailure
+from ._redact import install_log_redaction, redact_text, redact_url, register_secret
+
+__all__ = ["HttpResult", "RetryPolicy", "Transport", "TransportConfig"]
+
+logger = logging.getLogger("ctrlupload")
+
+#: Statuses retried with backoff (Retry-After honoured on 429 and 503).
+RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+#: Methods urllib3 may repeat: presign is safe, complete and delete are idempotent
+#: upserts, and a presigned PUT rewrites the same object.
+RETRY_METHODS: Final = frozenset({"POST", "PUT", "GET", "HEAD"})
+#: Largest response body read into memory; larger ones are cut (error bodies are tiny).
+MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+install_log_redaction()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How urllib3 retries one request.
+
+    Attributes:
+        attempts: Attempts per request, the first included (1 disables retries).
+        backoff_s: Backoff factor: waits are ``backoff_s * 2**(retry - 1)`` seconds.
+        backoff_max_s: Longest wait between attempts; also caps ``Retry-After``.
+    """
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 20.0
+
+    def to_urllib3(self) -> Retry:
+        """Build the urllib3 ``Retry`` mounted on the adapters."""
+        retries = self.attempts - 1
+        return Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            other=0,
+            redirect=0,
+            allowed_methods=RETRY_METHODS,
+            status_forcelist=RETRY_STATUSES,
+            backoff_factor=self.backoff_s,
+            backoff_max=self.backoff_max_s,
+            retry_after_max=max(1, int(self.backoff_max_s)),
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            raise_on_redirect=False,
+        )
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Timeouts, retries and pooling of a :class:`Transport`."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    send_block_bytes: int = 1024 * 1024
+    max_connections: int = 32
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """What came back: status, headers (lower-case names) and the body, capped."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        """True for a 2xx status."""
+        return 200 <= self.status_code < 300
+
+
+class _BlockSizeAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose connections send bodies in ``block_bytes`` blocks.
+
+    urllib3 reads a file body 16 KiB at a time by default; larger blocks mean fewer
+    syscalls and trips through the interpreter, and more than double loopback
+    throughput.
+    """
+
+    def __init__(self, *, block_bytes: int, **kwargs: Any) -> None:
+        self._block_bytes = block_bytes
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **pool_kwargs: Any) -> None:
+        pool_kwargs["blocksize"] = self._block_bytes
+        super().init_poolmanager(*args, **pool_kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        proxy_kwargs["blocksize"] = self._block_bytes
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Adds the service token; its repr never shows it."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "<BearerAuth [redacted]>"
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Sends no credentials, and so keeps requests from taking them from ~/.netrc."""
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers.pop("Authorization", None)
+        return request
+
+
+_NO_AUTH = _NoAuth()
+
+
+class Transport:
+    """Sends requests through one pooled, retrying session.
+
+    Args:
+        config: Timeouts, retry policy, block size and pool size.
+        user_agent: The User-Agent header.
+    """
+
+    def __init__(self, config: TransportConfig, *, user_agent: str) -> None:
+        self.config = config
+        self._timeout = (config.connect_timeout_s, config.read_timeout_s)
+        session = requests.Session()
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        session.headers["User-Agent"] = user_agent
+        adapter = _BlockSizeAdapter(
+            block_bytes=config.send_block_bytes,
+            pool_connections=16,
+            pool_maxsize=config.max_connections,
+            max_retries=config.retry.to_urllib3(),
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._session = session
+
+    def post_json(self, url: str, payload: Mapping[str, Any], *, token: str) -> HttpResult:
+        """POST a JSON body with a bearer token.
+
+        Raises:
+            TransportFailure: The request could not be completed (already retried).
+        """
+        register_secret(token)
+        return self._send(
+            "POST",
+            url,
+            json=dict(payload),
+            auth=_BearerAuth(token),
+            headers={"Accept": "application/json"},
+        )
+
+    def put(self, url: str, body: object, headers: Mapping[str, str]) -> HttpResult:
+        """PUT ``body`` (bytes or an object with read/tell/seek/__len__) to ``url``.
+
+        Raises:
+            TransportFailure: The request could not be completed (already retried).
+        """
+        return self._send("PUT", url, data=body, headers=dict(headers), auth=_NO_AUTH)
+
+    def get(self, url: str) -> HttpResult:
+        """GET ``url`` with no credentials (used to read back public objects)."""
+        return self._send("GET", url, auth=_NO_AUTH)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
+        logger.debug("%s %s", method, redact_url(url))
+        failure: TransportFailure | None = None
+        try:
+            response = self._session.request(
+                method,
+                url,
+                timeout=self._timeout,
+                allow_redirects=False,
+                stream=True,
+                **kwargs,
+            )
+            try:
+                body = _read_capped(response)
+                headers = {name.lower(): value for name, value in response.headers.items()}
+                return HttpResult(response.status_code, headers, body)
+            finally:
+                response.close()
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+            OSError,
+        ) as exc:
+            failure = TransportFailure(_describe(exc), _qualified_name(exc))
+        # Raised outside the except block so the original exception, whose text holds
+        # the URL with its signature, is not kept as __context__ either.
+        assert failure is not None
+        raise failure
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._session.close()
+
+
+def _read_capped(response: requests.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=64 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_RESPONSE_BYTES:
+            break
+    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
+
+
+def _qualified_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost reason: requests wraps urllib3's MaxRetryError, which holds it."""
+    seen: set[int] = set()
+    current: BaseException = exc
+    while id(current) not in seen:
+        seen.add(id(current))
+        inner: BaseException | None = None
+        if isinstance(current, urllib3.exceptions.MaxRetryError) and current.reason:
+            inner = current.reason
+        elif current.args and isinstance(current.args[0], BaseException):
+            inner = current.args[0]
+        elif isinstance(current, urllib3.exceptions.ProtocolError) and len(current.args) > 1:
+            last = current.args[-1]
+            inner = last if isinstance(last, BaseException) else None
+        if inner is None:
+            break
+        current = inner
+    return current
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, requests.Timeout):
+        kind = "timed out"
+    elif isinstance(exc, requests.ConnectionError):
+        kind = "connection failed"
+    else:
+        kind = "transport error"
+    root = _root_cause(exc)
+    detail = redact_text(str(root)) or type(root).__name__
+    return f"{kind}: {type(root).__name__}: {detail}"
