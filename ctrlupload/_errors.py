@@ -60,7 +60,7 @@ class StorageUploadError(StorageError):
         key: The object key the operation was for.
         reason: The human-readable reason, without the key prefix.
         phase: Which step failed: ``validate``, ``source``, ``presign``, ``upload``,
-            ``integrity``, ``complete``, ``delete`` or ``progress``.
+            ``integrity``, ``complete`` or ``delete``.
         status_code: The HTTP status that caused the failure, when there was one.
         code: Always ``"STORAGE_UPLOAD_FAILED"``, the render pipeline's error code.
     """

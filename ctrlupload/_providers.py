@@ -444,7 +444,14 @@ class BackendPresignedStorageProvider(_ProviderBase):
         tracker = ProgressTracker(size, progress)
         tracker.start()
         verify = self.settings.storage_verify_md5
-        hasher = Md5Hasher(threaded=size >= DEFAULT_THREADED_HASH_MIN_BYTES) if verify else None
+        hasher = (
+            Md5Hasher(
+                threaded=size >= DEFAULT_THREADED_HASH_MIN_BYTES,
+                block_bytes=self.settings.storage_send_block_bytes,
+            )
+            if verify
+            else None
+        )
         # One window for every attempt: its high-water mark keeps progress and the
         # digest from counting a resent byte twice.
         window = FileWindow(source, 0, size, hasher=hasher, progress=tracker)

@@ -119,7 +119,7 @@ class Settings(BaseModel):
         DEFAULT_SEND_BLOCK_BYTES,
         alias="STORAGE_SEND_BLOCK_BYTES",
         ge=4096,
-        le=64 * MIB,
+        le=16 * MIB,
         description="Bytes read from the file and handed to the socket at a time.",
     )
     storage_max_connections: int = Field(
@@ -216,13 +216,14 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(dict(values))
         except ValidationError as exc:
-            first = exc.errors(include_input=False, include_url=False)[0]
-            variable = ".".join(str(part) for part in first["loc"])
-            message = f"{variable}: {first['msg']}"
-            if len(exc.errors()) > 1:
-                message += f" (and {len(exc.errors()) - 1} more problems)"
-            # The pydantic error quotes the input, which may be the token: not chained.
-            raise StorageConfigError(f"Invalid setting {message}", variable=variable) from None
+            errors = exc.errors(include_input=False, include_url=False)
+        variable = ".".join(str(part) for part in errors[0]["loc"])
+        message = f"Invalid setting {variable}: {errors[0]['msg']}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        # Raised outside the except block: the pydantic error quotes the input, which
+        # may be the token, so it is neither the cause nor the context.
+        raise StorageConfigError(message, variable=variable)
 
 
 _ENV_NAMES: Final = frozenset(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import queue
 import stat as stat_module
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
 from ._errors import SourceFileError
+
+logger = logging.getLogger("ctrlupload")
 
 __all__ = [
     "FileWindow",
@@ -34,7 +37,11 @@ __all__ = [
 
 #: Bodies at least this large are hashed on a helper thread, overlapping with sending.
 DEFAULT_THREADED_HASH_MIN_BYTES: Final = 8 * 1024 * 1024
-_HASH_QUEUE_BLOCKS: Final = 8
+#: Blocks are handed to the hashing thread in pieces of at least this size (fewer
+#: queue hand-offs when the send block is small) ...
+_HASH_PIECE_BYTES: Final = 1024 * 1024
+#: ... and at most this many bytes wait in its queue, whatever the block size.
+_HASH_QUEUE_BYTES: Final = 8 * 1024 * 1024
 
 
 class ProgressCallback(Protocol):
@@ -73,9 +80,16 @@ class ProgressTracker:
                 self._report(0)
 
     def finish(self) -> None:
-        """Report the total: the upload is confirmed."""
+        """Report the total: the upload is confirmed.
+
+        The object is stored by now, so a callback that raises here cannot undo it; the
+        error is logged rather than turning a stored upload into a reported failure.
+        """
         with self._lock:
-            self._report(self.total)
+            try:
+                self._report(self.total)
+            except Exception:
+                logger.warning("progress callback failed on the final report", exc_info=True)
 
     def _report(self, value: int) -> None:
         # Called with the lock held, so callbacks arrive in order.
@@ -93,12 +107,15 @@ class Md5Hasher:
     in parallel with the socket send instead of adding to it.
     """
 
-    def __init__(self, *, threaded: bool) -> None:
+    def __init__(self, *, threaded: bool, block_bytes: int = _HASH_PIECE_BYTES) -> None:
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._queue: queue.Queue[bytes | None] | None = None
         self._thread: threading.Thread | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         if threaded:
-            self._queue = queue.Queue(maxsize=_HASH_QUEUE_BLOCKS)
+            piece = max(block_bytes, _HASH_PIECE_BYTES)
+            self._queue = queue.Queue(maxsize=max(2, _HASH_QUEUE_BYTES // piece))
             self._thread = threading.Thread(target=self._run, name="ctrlupload-md5", daemon=True)
             self._thread.start()
 
@@ -111,12 +128,23 @@ class Md5Hasher:
         """Add ``block`` to the digest."""
         if self._queue is None:
             self._md5.update(block)
-        else:
-            self._queue.put(block)
+            return
+        self._pending.append(block)
+        self._pending_bytes += len(block)
+        if self._pending_bytes >= _HASH_PIECE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending and self._queue is not None:
+            piece = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._queue.put(piece)
 
     def close(self) -> None:
-        """Stop the helper thread, if any; safe to call more than once."""
+        """Hash what is pending and stop the helper thread; safe to call again."""
         if self._thread is not None and self._queue is not None:
+            self._flush()
             self._queue.put(None)
             self._thread.join()
             self._thread = None
@@ -198,7 +226,10 @@ def open_source(key: str, path: str | os.PathLike[str]) -> SourceReader:
     """
     shown = os.fspath(path)
     try:
-        fd = os.open(shown, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # O_NONBLOCK keeps open() from waiting forever for a writer on a FIFO; the
+        # fstat below then refuses anything that is not a regular file.
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(shown, flags)
     except FileNotFoundError as exc:
         raise SourceFileError(key, f"Source file not found: {shown}") from exc
     except IsADirectoryError as exc:

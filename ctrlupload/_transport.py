@@ -9,8 +9,11 @@ at construction, and never changed. What is shared between threads:
 * the immutable retry policy and timeouts.
 
 The session's one mutable part, its cookie jar, is locked by ``http.cookiejar`` and set
-to refuse every cookie: the client keeps no state between requests. Everything else
-(request bodies, responses) belongs to the calling thread.
+to refuse every cookie: the client keeps no state between requests. Proxy settings from
+the environment (``HTTPS_PROXY``, ``NO_PROXY``...) are resolved once per origin and
+cached under a lock, rather than by requests on every call, which also means
+``~/.netrc`` is never consulted. Everything else (request bodies, responses) belongs to
+the calling thread.
 
 Retries belong to urllib3 alone (connect and read errors, 429 and 5xx, Retry-After
 honoured); nothing above this module retries a transport fault.
@@ -20,14 +23,18 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import requests
 import requests.adapters
 import requests.auth
+import requests.utils
 import urllib3.exceptions
 from urllib3.util.retry import Retry
 
@@ -66,7 +73,7 @@ class RetryPolicy:
     def to_urllib3(self) -> Retry:
         """Build the urllib3 ``Retry`` mounted on the adapters."""
         retries = self.attempts - 1
-        return Retry(
+        return _LenientRetry(
             total=retries,
             connect=retries,
             read=retries,
@@ -77,11 +84,24 @@ class RetryPolicy:
             status_forcelist=RETRY_STATUSES,
             backoff_factor=self.backoff_s,
             backoff_max=self.backoff_max_s,
-            retry_after_max=max(1, int(self.backoff_max_s)),
+            # urllib3 annotates this as int but compares it as a number of seconds.
+            retry_after_max=self.backoff_max_s,  # type: ignore[arg-type]
             respect_retry_after_header=True,
             raise_on_status=False,
             raise_on_redirect=False,
         )
+
+
+class _LenientRetry(Retry):
+    """urllib3's ``Retry``, except that a Retry-After it cannot parse means "use the
+    backoff" rather than failing the request (urllib3 raises InvalidHeader)."""
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        try:
+            return super().parse_retry_after(retry_after)
+        except urllib3.exceptions.InvalidHeader:
+            logger.debug("ignoring unparsable Retry-After %r", retry_after[:64])
+            return 0.0  # falsy: sleep_for_retry falls back to the exponential backoff
 
 
 @dataclass(frozen=True)
@@ -144,17 +164,6 @@ class _BearerAuth(requests.auth.AuthBase):
         return "<BearerAuth [redacted]>"
 
 
-class _NoAuth(requests.auth.AuthBase):
-    """Sends no credentials, and so keeps requests from taking them from ~/.netrc."""
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers.pop("Authorization", None)
-        return request
-
-
-_NO_AUTH = _NoAuth()
-
-
 class Transport:
     """Sends requests through one pooled, retrying session.
 
@@ -167,6 +176,11 @@ class Transport:
         self.config = config
         self._timeout = (config.connect_timeout_s, config.read_timeout_s)
         session = requests.Session()
+        # requests would re-read proxy variables, .netrc and CA bundle variables on every
+        # request (about a seventh of the client's CPU per small upload); they are
+        # resolved once instead, see _proxies_for.
+        session.trust_env = False
+        session.verify = _environ_ca_bundle() or True
         session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         session.headers["User-Agent"] = user_agent
         adapter = _BlockSizeAdapter(
@@ -178,6 +192,19 @@ class Transport:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._session = session
+        self._proxies: dict[tuple[str, str], dict[str, str]] = {}
+        self._proxies_lock = threading.Lock()
+
+    def _proxies_for(self, url: str) -> dict[str, str]:
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.netloc)
+        with self._proxies_lock:
+            cached = self._proxies.get(origin)
+        if cached is None:
+            cached = requests.utils.get_environ_proxies(url)
+            with self._proxies_lock:
+                self._proxies[origin] = cached
+        return cached
 
     def post_json(self, url: str, payload: Mapping[str, Any], *, token: str) -> HttpResult:
         """POST a JSON body with a bearer token.
@@ -200,16 +227,17 @@ class Transport:
         Raises:
             TransportFailure: The request could not be completed (already retried).
         """
-        return self._send("PUT", url, data=body, headers=dict(headers), auth=_NO_AUTH)
+        return self._send("PUT", url, data=body, headers=dict(headers))
 
     def get(self, url: str) -> HttpResult:
         """GET ``url`` with no credentials (used to read back public objects)."""
-        return self._send("GET", url, auth=_NO_AUTH)
+        return self._send("GET", url)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
         logger.debug("%s %s", method, redact_url(url))
         failure: TransportFailure | None = None
         try:
+            kwargs.setdefault("proxies", self._proxies_for(url))
             response = self._session.request(
                 method,
                 url,
@@ -239,6 +267,11 @@ class Transport:
     def close(self) -> None:
         """Close every pooled connection."""
         self._session.close()
+
+
+def _environ_ca_bundle() -> str | None:
+    """The CA bundle requests would take from the environment, read once."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
 
 
 def _read_capped(response: requests.Response) -> bytes:
@@ -278,12 +311,18 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, requests.Timeout):
+    root = _root_cause(exc)
+    # requests reports a read timeout that exhausted the retries as a ConnectionError;
+    # the root cause tells the truth.
+    timed_out = isinstance(root, (TimeoutError, urllib3.exceptions.TimeoutError))
+    # NewConnectionError descends from ConnectTimeoutError, yet means "refused".
+    if isinstance(root, urllib3.exceptions.NewConnectionError):
+        timed_out = False
+    if isinstance(exc, requests.Timeout) or timed_out:
         kind = "timed out"
     elif isinstance(exc, requests.ConnectionError):
         kind = "connection failed"
     else:
         kind = "transport error"
-    root = _root_cause(exc)
     detail = redact_text(str(root)) or type(root).__name__
     return f"{kind}: {type(root).__name__}: {detail}"
