@@ -1,0 +1,1 @@
+"""Shared test doubles: loopback servers and fault injection (see ``servers``)."""
