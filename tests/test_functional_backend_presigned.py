@@ -33,7 +33,6 @@ from ctrlupload import (
     StorageError,
     StorageResult,
     StorageTransferError,
-    StorageUploadError,
     TransportFailure,
     UploadTooLargeError,
 )
