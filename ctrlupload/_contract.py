@@ -7,10 +7,17 @@ credentials and are left out of every repr.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "CompleteRequest",
@@ -20,6 +27,17 @@ __all__ = [
     "StatusResponse",
     "parse_response",
 ]
+
+
+def _integral_number(value: Any) -> Any:
+    # JSON Schema counts 5.0 as an integer; JSON decoders hand it over as a float.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: A JSON integer: 5 or 5.0, but not true, "5" or 5.5 (even under strict validation).
+JsonInt = Annotated[int, BeforeValidator(_integral_number)]
 
 
 class _Request(BaseModel):
@@ -35,8 +53,8 @@ class PresignRequest(_Request):
     """Body of ``POST presign-put`` (seed §3.1)."""
 
     object_key: str
-    content_type: str
-    content_length: int = Field(ge=0)
+    content_type: str = Field(min_length=1)
+    content_length: JsonInt = Field(ge=0)
 
 
 class PresignResponse(_Response):
@@ -69,7 +87,7 @@ class CompleteRequest(_Request):
 
     object_key: str
     etag: str
-    size_bytes: int = Field(ge=0)
+    size_bytes: JsonInt = Field(ge=0)
     content_type: str
     public_url: str
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final, Protocol, TypeVar, runtime_checkable
+from typing import BinaryIO, Final, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote
 
 from ._contract import (
@@ -129,8 +129,20 @@ class BaseStorageProvider(Protocol):
         """Release connections and other resources."""
         ...
 
+    def __enter__(self) -> Self:
+        """Use the provider as a context manager; it is closed on exit."""
+        ...
 
-_P = TypeVar("_P", bound="_ProviderBase")
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the provider."""
+        ...
+
+
 _ResponseT = TypeVar("_ResponseT", PresignResponse, StatusResponse)
 
 
@@ -141,7 +153,7 @@ class _ProviderBase:
         self.settings = settings
         self._closed = False
 
-    def __enter__(self: _P) -> _P:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

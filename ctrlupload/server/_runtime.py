@@ -1,0 +1,133 @@
+"""Assemble and run the reference backend: config, store, database, app and server."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ._app import DEFAULT_EXPIRES_SEC, DEFAULT_MAX_CONTENT_LENGTH, ApiPaths, ReferenceBackend
+from ._db import AssetDB
+from ._local import LocalObjectStore
+from ._store import ObjectStore
+from ._wsgi import WSGIServer
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run the reference backend.
+
+    Attributes:
+        host: Address to bind.
+        port: Port to bind; 0 picks a free one.
+        store: ``local`` (files under ``data_dir``) or ``s3`` (boto3, ``ctrlupload[s3]``).
+        data_dir: Objects (local store) and the SQLite database live here.
+        token: The service token; a random one is generated when None.
+        public_url: The URL clients reach this server at; ``http://host:port`` by default.
+        max_content_length: Largest upload presign accepts (S3's 5 GiB single-PUT limit).
+        expires_sec: Lifetime of presigned URLs.
+        signing_secret: HMAC key of the local store's URLs; random per run when None.
+        db_path: The SQLite file; ``data_dir/assets.sqlite3`` by default.
+        s3_bucket: Bucket of the s3 store.
+        s3_endpoint_url: S3-compatible endpoint (MinIO, moto...); AWS when None.
+        s3_region: Region of the bucket.
+        s3_public_base_url: CDN base for public URLs of the s3 store.
+        paths: Where the internal endpoints live.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    store: Literal["local", "s3"] = "local"
+    data_dir: Path = Path("ctrlupload-data")
+    token: str | None = None
+    public_url: str | None = None
+    max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH
+    expires_sec: int = DEFAULT_EXPIRES_SEC
+    signing_secret: bytes | None = field(default=None, repr=False)
+    db_path: Path | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_public_base_url: str | None = None
+    paths: ApiPaths = field(default_factory=ApiPaths)
+
+
+class ReferenceServer:
+    """The reference backend bound to a port, ready to serve.
+
+    Use it as a context manager to serve on a background thread, or call
+    :meth:`serve_forever` on the current one.
+
+    Attributes:
+        base_url: Where clients reach the backend (BACKEND_BASE_URL).
+        token: The service token (BACKEND_SERVICE_TOKEN).
+        app: The WSGI application.
+        db: The asset database.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        config = config or ServerConfig()
+        self.config = config
+        self.token = config.token or secrets.token_urlsafe(24)
+        self._server = WSGIServer(None, config.host, config.port)
+        try:
+            host = self._server.host
+            shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+            self.base_url = (
+                config.public_url or f"http://{shown_host}:{self._server.port}"
+            ).rstrip("/")
+            data_dir = Path(config.data_dir)
+            self.db = AssetDB(config.db_path or data_dir / "assets.sqlite3")
+            self.store = self._make_store(config, data_dir)
+            self.app = ReferenceBackend(
+                token=self.token,
+                store=self.store,
+                db=self.db,
+                max_content_length=config.max_content_length,
+                expires_sec=config.expires_sec,
+                paths=config.paths,
+            )
+        except BaseException:
+            self._server.stop()
+            raise
+        self._server.set_app(self.app)
+
+    def _make_store(self, config: ServerConfig, data_dir: Path) -> ObjectStore:
+        if config.store == "local":
+            return LocalObjectStore(data_dir, self.base_url, signing_secret=config.signing_secret)
+        if config.store == "s3":
+            from ._s3store import S3ObjectStore
+
+            if not config.s3_bucket:
+                raise ValueError("the s3 store needs a bucket (--s3-bucket / STORAGE_S3_BUCKET)")
+            return S3ObjectStore(
+                config.s3_bucket,
+                endpoint_url=config.s3_endpoint_url,
+                region=config.s3_region,
+                public_base_url=config.s3_public_base_url,
+            )
+        raise ValueError(f"unknown store {config.store!r}; expected 'local' or 's3'")
+
+    def __repr__(self) -> str:
+        return f"ReferenceServer(base_url={self.base_url!r}, store={self.store!r})"
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until :meth:`stop` is called from another one."""
+        self._server.serve_forever()
+
+    def start(self) -> ReferenceServer:
+        """Serve on a daemon thread."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the database."""
+        self._server.stop()
+        self.db.close()
+
+    def __enter__(self) -> ReferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,384 @@
+"""The ``s3`` object store: presigned PUTs to AWS S3 or any S3-compatible endpoint.
+
+Needs the ``ctrlupload[s3]`` extra (boto3), imported only when a store is built, so the
+rest of the reference backend runs without it. Credentials come from boto3's usual chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws``, instance
+roles); this module never reads or stores them itself.
+
+What the presigned URL binds. SigV4 query signing covers the method, bucket, key,
+expiry and every header listed in ``X-Amz-SignedHeaders``. We sign ``Content-Type`` and
+``Content-Length``: botocore serialises ``ContentLength`` into a ``Content-Length``
+header and does not leave it out of the signed headers (its ``SIGNED_HEADERS_BLACKLIST``
+holds only hop-by-hop headers), and S3 recomputes the signature from the headers the
+request actually carries, so a PUT of any other type or length gets
+``403 SignatureDoesNotMatch``. MinIO checks ``Content-Length`` the same way. Both headers
+go back to the caller in :attr:`PresignedPut.headers`: they are the signed headers the
+PUT must carry (``host`` is signed too and is sent by every HTTP client anyway).
+
+Thread safety: a boto3 client is thread-safe and the store never changes after
+construction, so one store serves every request thread. Its connection pool holds
+:data:`DEFAULT_MAX_POOL_CONNECTIONS` connections.
+
+Retries: none here (:data:`DEFAULT_MAX_ATTEMPTS` is 1). The reference backend answers
+an :class:`ObjectStoreError` with 503, which the client's urllib3 ``Retry`` already
+retries with backoff; retrying in botocore as well would multiply the attempts of one
+fault (one retry owner per failure).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, Final, Protocol
+from urllib.parse import quote, urlsplit
+
+from .._errors import StorageConfigError, StorageError
+from .._redact import redact_text, redact_url
+from ._store import ObjectInfo, PresignedPut
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_POOL_CONNECTIONS",
+    "DEFAULT_READ_TIMEOUT_S",
+    "MAX_PRESIGN_EXPIRES_S",
+    "MAX_PUT_BYTES",
+    "ObjectStoreError",
+    "S3ObjectStore",
+]
+
+#: Attempts per S3 call, the first included (botocore ``standard`` retry mode).
+DEFAULT_MAX_ATTEMPTS: Final = 1
+DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
+DEFAULT_READ_TIMEOUT_S: Final = 30.0
+#: Enough for the reference backend's request threads to HEAD and DELETE in parallel.
+DEFAULT_MAX_POOL_CONNECTIONS: Final = 32
+#: SigV4 presigned URLs live at most seven days.
+MAX_PRESIGN_EXPIRES_S: Final = 7 * 24 * 3600
+#: S3's limit for one PUT; larger objects need a multipart upload.
+MAX_PUT_BYTES: Final = 5 * 1024**3
+
+_INSTALL_HINT: Final = "pip install 'ctrlupload[s3]'"
+
+
+class ObjectStoreError(StorageError):
+    """A call to the object store failed after botocore's retries.
+
+    The message names the operation, bucket and key, and S3's error code and status when
+    there was an answer. It never holds credentials or a presigned URL's query string.
+
+    Attributes:
+        operation: The S3 operation, e.g. ``"HeadObject"`` or ``"PresignPutObject"``.
+        bucket: The bucket the call was for.
+        key: The object key, or None for a bucket-level call.
+        status_code: The HTTP status S3 answered with, or None when there was no answer.
+        error_code: S3's error code (``"NoSuchBucket"``, ``"AccessDenied"``...), or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        bucket: str,
+        key: str | None = None,
+        status_code: int | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.bucket = bucket
+        self.key = key
+        self.status_code = status_code
+        self.error_code = error_code
+
+
+class _S3Client(Protocol):
+    """The part of a boto3 S3 client this store calls."""
+
+    meta: Any
+
+    def generate_presigned_url(
+        self,
+        ClientMethod: str,
+        Params: dict[str, Any],
+        ExpiresIn: int,
+        HttpMethod: str,
+    ) -> str: ...
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
+
+    def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
+
+    def head_bucket(self, *, Bucket: str) -> dict[str, Any]: ...
+
+
+class S3ObjectStore:
+    """An :class:`~ctrlupload.server._store.ObjectStore` backed by an S3 bucket.
+
+    Args:
+        bucket: The bucket objects go into.
+        endpoint_url: An S3-compatible endpoint such as ``http://127.0.0.1:9000`` for
+            MinIO; requests then use path-style addressing. None means AWS, with
+            virtual-hosted addressing on the region's endpoint.
+        region: The signing region; None lets boto3's chain decide (``AWS_REGION``,
+            ``AWS_DEFAULT_REGION``, the profile, else ``us-east-1``).
+        public_base_url: Where stored objects are served from (a CDN or a public
+            bucket website); None means the object's path-style URL at the endpoint.
+        client: A ready boto3 S3 client to use instead of building one; ``endpoint_url``
+            and ``region`` are then ignored.
+
+    Raises:
+        StorageConfigError: boto3 is not installed, or an argument is malformed.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        public_base_url: str | None = None,
+        client: Any | None = None,
+    ) -> None:
+        try:
+            import boto3
+            from botocore.config import Config
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError as exc:
+            raise StorageConfigError(
+                f"The s3 object store needs boto3, which is not installed: {_INSTALL_HINT}",
+                variable=None,
+            ) from exc
+
+        if not bucket:
+            raise StorageConfigError("The S3 bucket name is empty.", variable=None)
+        for name, url in (("endpoint_url", endpoint_url), ("public_base_url", public_base_url)):
+            if url is not None and not _is_http_url(url):
+                raise StorageConfigError(
+                    f"The S3 {name} must be an http(s) URL, got {redact_url(url)!r}.",
+                    variable=None,
+                )
+
+        self._bucket = bucket
+        self._boto_errors: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
+        if client is None:
+            config = Config(
+                signature_version="s3v4",
+                s3={"addressing_style": _addressing_style(bucket, endpoint_url)},
+                retries={"mode": "standard", "total_max_attempts": DEFAULT_MAX_ATTEMPTS},
+                connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
+                read_timeout=DEFAULT_READ_TIMEOUT_S,
+                max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS,
+            )
+            # A Session of our own: boto3's default session is shared, and not thread-safe.
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=config
+            )
+        self._client: _S3Client = client
+        if public_base_url is not None:
+            self._public_base = public_base_url.rstrip("/")
+        else:
+            endpoint = str(self._client.meta.endpoint_url).rstrip("/")
+            self._public_base = f"{endpoint}/{quote(bucket, safe='')}"
+
+    @property
+    def bucket(self) -> str:
+        """The bucket objects go into."""
+        return self._bucket
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore(bucket={self._bucket!r}, public_base={self._public_base!r})"
+
+    def presign_put(
+        self, key: str, content_type: str, content_length: int, expires_sec: int
+    ) -> PresignedPut:
+        """Presign one PUT of ``key`` bound to its content type and exact length.
+
+        No network call is made; credentials are resolved (and cached by boto3) on the
+        first call.
+
+        Args:
+            key: The object key, already checked against the key rules.
+            content_type: The ``Content-Type`` the PUT must carry.
+            content_length: The exact body length in bytes the PUT must carry.
+            expires_sec: How long the URL stays valid, 1 to 604800 seconds.
+
+        Returns:
+            The URL and the headers the PUT must send: ``Content-Type`` and
+            ``Content-Length``, both covered by the signature.
+
+        Raises:
+            ValueError: ``expires_sec`` or ``content_length`` is out of range.
+            ObjectStoreError: boto3 could not sign, e.g. it found no credentials.
+        """
+        if not 1 <= expires_sec <= MAX_PRESIGN_EXPIRES_S:
+            raise ValueError(
+                f"expires_sec must be between 1 and {MAX_PRESIGN_EXPIRES_S}, got {expires_sec}"
+            )
+        if not 0 <= content_length <= MAX_PUT_BYTES:
+            raise ValueError(
+                f"content_length must be between 0 and {MAX_PUT_BYTES} bytes (S3's limit "
+                f"for one PUT), got {content_length}"
+            )
+        params = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "ContentType": content_type,
+            "ContentLength": content_length,
+        }
+        try:
+            url = self._client.generate_presigned_url(
+                "put_object", Params=params, ExpiresIn=expires_sec, HttpMethod="PUT"
+            )
+        except self._boto_errors as exc:
+            raise self._error("PresignPutObject", key, exc) from exc
+        headers = {"Content-Type": content_type, "Content-Length": str(content_length)}
+        return PresignedPut(upload_url=url, headers=headers, expires_sec=expires_sec)
+
+    def public_url(self, key: str) -> str:
+        """Where the object can be downloaded once stored (no network call).
+
+        Args:
+            key: The object key.
+
+        Returns:
+            ``public_base_url`` (or the bucket's path-style URL at the endpoint), a
+            slash and the key, percent-encoded with its slashes kept.
+        """
+        return f"{self._public_base}/{quote(key, safe='/')}"
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and ETag of the stored object, or None when there is none.
+
+        A bucket that does not exist looks the same as a missing object here (S3 answers
+        a HEAD with a bare 404 either way); :meth:`check` tells them apart.
+
+        Args:
+            key: The object key.
+
+        Returns:
+            The object's size and its ETag, quotes included; None on 404.
+
+        Raises:
+            ObjectStoreError: S3 answered with another error (403 when the credentials
+                may not read the object, or may not list the bucket), or could not be
+                reached.
+        """
+        try:
+            response = self._client.head_object(Bucket=self._bucket, Key=key)
+        except self._boto_errors as exc:
+            if _status_of(exc) == HTTPStatus.NOT_FOUND:
+                return None
+            raise self._error("HeadObject", key, exc) from exc
+        return ObjectInfo(size_bytes=int(response["ContentLength"]), etag=str(response["ETag"]))
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error.
+
+        Args:
+            key: The object key.
+
+        Raises:
+            ObjectStoreError: The bucket does not exist, access was denied, or S3 could
+                not be reached.
+        """
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=key)
+        except self._boto_errors as exc:
+            raise self._error("DeleteObject", key, exc) from exc
+
+    def check(self) -> None:
+        """Fail fast on a bad configuration: the bucket must exist and be reachable.
+
+        Meant for start-up (``ctrlupload serve --store s3``), so a wrong bucket, region,
+        endpoint or credentials show up at once rather than on the first upload.
+
+        Raises:
+            ObjectStoreError: The bucket is missing or forbidden, or S3 is unreachable.
+        """
+        try:
+            self._client.head_bucket(Bucket=self._bucket)
+        except self._boto_errors as exc:
+            raise self._error("HeadBucket", None, exc) from exc
+
+    def _error(self, operation: str, key: str | None, exc: Exception) -> ObjectStoreError:
+        target = (
+            f"bucket '{self._bucket}'" if key is None else f"'{key}' in bucket '{self._bucket}'"
+        )
+        status = _status_of(exc)
+        error_code = _error_code_of(exc)
+        reason = _reason(exc, status, error_code)
+        return ObjectStoreError(
+            f"S3 {operation} for {target} failed: {reason}",
+            operation=operation,
+            bucket=self._bucket,
+            key=key,
+            status_code=status,
+            error_code=error_code,
+        )
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _addressing_style(bucket: str, endpoint_url: str | None) -> str:
+    """Path style for custom endpoints; virtual-hosted on AWS unless TLS forbids it."""
+    if endpoint_url is not None:
+        return "path"
+    # A dotted bucket name does not match the *.s3.amazonaws.com certificate. Naming
+    # "virtual" (not "auto") also puts presigned URLs on the regional endpoint rather
+    # than the global one, which redirects PUTs for buckets outside us-east-1.
+    return "path" if "." in bucket else "virtual"
+
+
+def _response_of(exc: Exception) -> dict[str, Any]:
+    response = getattr(exc, "response", None)
+    return response if isinstance(response, dict) else {}
+
+
+def _status_of(exc: Exception) -> int | None:
+    status = _response_of(exc).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
+def _error_code_of(exc: Exception) -> str | None:
+    code = _response_of(exc).get("Error", {}).get("Code")
+    # A HEAD answer has no body, so botocore reports the bare status as the code.
+    if not isinstance(code, str) or not code or code.isdigit():
+        return None
+    return code
+
+
+def _reason(exc: Exception, status: int | None, error_code: str | None) -> str:
+    """One clause saying what went wrong, without credentials or query strings."""
+    if status is not None:
+        message = str(_response_of(exc).get("Error", {}).get("Message") or "").rstrip(".")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "error"
+        head = f"{error_code} (HTTP {status})" if error_code else f"HTTP {status} {phrase}"
+        if status == HTTPStatus.NOT_FOUND and error_code is None:
+            message = "the bucket does not exist"
+        elif status == HTTPStatus.FORBIDDEN and error_code is None:
+            message = "access denied; check the credentials and the bucket policy"
+        elif status == HTTPStatus.MOVED_PERMANENTLY and error_code is None:
+            headers = _response_of(exc).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            region = headers.get("x-amz-bucket-region", "another region")
+            message = f"the bucket is in {region}; set the store's region to match"
+        if message and message != phrase:
+            return redact_text(f"{head}: {message}.")
+        return f"{head}."
+    name = type(exc).__name__
+    if name == "NoCredentialsError":
+        return (
+            "no AWS credentials were found; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE."
+        )
+    text = redact_text(str(exc)).rstrip(".")
+    return f"{name}: {text}."
