@@ -8,12 +8,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ctrlupload import BackendPresignedStorageProvider, Settings
 from tests.support.servers import FakeBackend, RawHandler, RawSocketServer, StorageSink
+
+if TYPE_CHECKING:
+    from tests.support.moto_server import MotoS3Server
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -160,3 +163,16 @@ def make_raw_storage_provider() -> Iterator[Callable[..., RawStorageSetup]]:
             return provider, raw, backend
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3Server]:
+    """moto's S3 server on loopback, shared by the session: stopping one costs ~0.5 s.
+
+    State is shared too, so each test makes its own bucket (``make_bucket()`` picks a
+    unique name). moto and boto3 are imported only by tests that use this fixture.
+    """
+    from tests.support.moto_server import MotoS3Server
+
+    with MotoS3Server() as server:
+        yield server
