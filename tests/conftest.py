@@ -16,6 +16,7 @@ from ctrlupload import BackendPresignedStorageProvider, Settings
 from tests.support.servers import FakeBackend, RawHandler, RawSocketServer, StorageSink
 
 if TYPE_CHECKING:
+    from ctrlupload.server import ReferenceServer
     from tests.support.moto_server import MotoS3Server
 
 TOKEN = "test-token-0123456789abcdef"
@@ -163,6 +164,15 @@ def make_raw_storage_provider() -> Iterator[Callable[..., RawStorageSetup]]:
             return provider, raw, backend
 
         yield make
+
+
+@pytest.fixture
+def reference_server(tmp_path: Path) -> Iterator[ReferenceServer]:
+    """The reference backend (local store) in-process on a free loopback port."""
+    from ctrlupload.server import ReferenceServer, ServerConfig
+
+    with ReferenceServer(ServerConfig(port=0, data_dir=tmp_path / "backend")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

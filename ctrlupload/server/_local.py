@@ -88,6 +88,11 @@ class LocalObjectStore:
         self.meta_dir = self.data_dir / "meta"
         for folder in (self.objects_dir, self.staging_dir, self.meta_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a server that was killed mid-upload: nobody can finish them.
+        # (One server per data directory.)
+        for stale in self.staging_dir.glob("*.part"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         self.base_url = base_url.rstrip("/")
         self._secret = signing_secret or secrets.token_bytes(32)
         self._clock = clock

@@ -8,10 +8,14 @@ known and the request body was read, and closes them otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import socket
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -24,6 +28,9 @@ logger = logging.getLogger("ctrlupload.server")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _LEFTOVER_DRAIN_BYTES = 64 * 1024
+DEFAULT_CLIENT_TIMEOUT_S = 60.0
+#: How long stop() waits for requests in flight once their connections are shut down.
+_STOP_GRACE_S = 5.0
 
 
 class _BoundedInput(io.RawIOBase):
@@ -33,6 +40,7 @@ class _BoundedInput(io.RawIOBase):
         super().__init__()
         self._stream = stream
         self.remaining = length
+        self.ended_early = False
 
     def readable(self) -> bool:
         return True
@@ -41,10 +49,14 @@ class _BoundedInput(io.RawIOBase):
         if self.remaining <= 0:
             return b""
         want = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        block = self._stream.read(want)
+        try:
+            block = self._stream.read(want)
+        except (ConnectionError, TimeoutError):
+            block = b""
         self.remaining -= len(block)
         if not block:
-            self.remaining = 0  # the client went away
+            self.ended_early = self.remaining > 0
+            self.remaining = 0  # the client went away (or stalled past the timeout)
         return block
 
     def readinto(self, buffer: Any) -> int:
@@ -58,12 +70,59 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     app: WSGIApp
 
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        super().__init__(address, handler)
+        self.live: set[socket.socket] = set()
+        self.live_lock = threading.Lock()
+        self.request_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="ctrlupload-request",
+            daemon=True,
+        )
+        with self.live_lock:
+            self.request_threads.add(thread)
+        thread.start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            logger.debug("client %s went away: %r", client_address, error)
+        else:
+            logger.exception("request from %s failed", client_address)
+
+    def close_live_connections(self) -> None:
+        """Shut down open client connections, so their handler threads finish."""
+        with self.live_lock:
+            connections = list(self.live)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "ctrlupload-reference"
     sys_version = ""
     disable_nagle_algorithm = True
+    #: Seconds a client may stay silent (idle keep-alive, or stalled mid-body).
+    timeout = DEFAULT_CLIENT_TIMEOUT_S
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.live_lock:
+            self.server.live.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.live_lock:
+                self.server.live.discard(self.connection)
 
     def do_GET(self) -> None:
         self._run_wsgi()
@@ -123,14 +182,19 @@ class _Handler(BaseHTTPRequestHandler):
             response["headers"] = headers
             return self._refuse_write
 
-        result = self.server.app(environ, start_response)  # type: ignore[attr-defined]
+        result = self.server.app(environ, start_response)
         try:
-            self._send(result, response)
+            if body.ended_early:
+                self.close_connection = True  # nobody is listening for an answer
+            else:
+                self._send(result, response)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
         finally:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        if chunked:
+        if chunked or body.ended_early:
             self.close_connection = True
         elif body.remaining > 0:
             if body.remaining <= _LEFTOVER_DRAIN_BYTES:
@@ -196,6 +260,8 @@ class WSGIServer:
 
     def serve_forever(self) -> None:
         """Serve on this thread until :meth:`stop` is called from another one."""
+        if self._closed:
+            return
         self._serving = True
         try:
             self._server.serve_forever(poll_interval=0.05)
@@ -219,6 +285,12 @@ class WSGIServer:
             # shutdown() waits for serve_forever to return: only ask a running loop.
             self._server.shutdown()
         self._server.server_close()
+        self._server.close_live_connections()
+        with self._server.live_lock:
+            threads = list(self._server.request_threads)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
