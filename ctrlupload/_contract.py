@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,6 +41,20 @@ def _integral_number(value: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(_integral_number)]
 
 
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Only the scheme is quoted: the rest of the URL is a credential.
+        raise ValueError(
+            f"upload_url must be an http(s) URL, got scheme {parts.scheme or 'none'!r}"
+        )
+    return value
+
+
+#: A presigned URL: http(s) only, never echoed in validation errors.
+UploadUrl = Annotated[str, AfterValidator(_http_url)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,6 +62,10 @@ class _Request(BaseModel):
 class _Response(BaseModel):
     # Backends may add fields; the contract only fixes the ones named here.
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+#: Base of every response model.
+ResponseModel = _Response
 
 
 class PresignRequest(_Request):
@@ -60,21 +79,10 @@ class PresignRequest(_Request):
 class PresignResponse(_Response):
     """Answer of ``POST presign-put`` (seed §3.1)."""
 
-    upload_url: str = Field(repr=False)
+    upload_url: UploadUrl = Field(repr=False)
     public_url: str
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
     expires_sec: int | None = None
-
-    @field_validator("upload_url")
-    @classmethod
-    def _http_upload_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # Only the scheme is quoted: the rest of the URL is a credential.
-            raise ValueError(
-                f"upload_url must be an http(s) URL, got scheme {parts.scheme or 'none'!r}"
-            )
-        return value
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -124,3 +132,105 @@ def parse_response(model: type[ResponseT], payload: Any) -> tuple[ResponseT | No
         if error["type"] == "missing":
             return None, f"response is missing '{field}'"
         return None, f"response field '{field}' is invalid: {error['msg']}"
+
+
+# -- multipart extension (issue 4) ------------------------------------------------------------
+
+
+class MultipartInitiateRequest(_Request):
+    """Body of ``POST multipart/initiate``.
+
+    ``part_size`` is the client's preference; the backend answers with the part size it
+    will sign for, which the client must use.
+    """
+
+    object_key: str
+    content_type: str = Field(min_length=1)
+    content_length: JsonInt = Field(ge=0)
+    part_size: JsonInt | None = Field(default=None, ge=1)
+
+
+class MultipartInitiateResponse(_Response):
+    """Answer of ``POST multipart/initiate``."""
+
+    upload_id: str = Field(min_length=1)
+    part_size: int = Field(ge=1)
+    expires_sec: int | None = None
+
+
+class MultipartPresignRequest(_Request):
+    """Body of ``POST multipart/presign-parts``: sign these parts, just ahead of use."""
+
+    object_key: str
+    upload_id: str = Field(min_length=1)
+    part_numbers: list[JsonInt] = Field(min_length=1, max_length=1000)
+
+
+class PresignedPart(_Response):
+    """One signed part upload."""
+
+    part_number: int = Field(ge=1, le=10_000)
+    upload_url: UploadUrl = Field(repr=False)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+
+
+class MultipartPresignResponse(_Response):
+    """Answer of ``POST multipart/presign-parts``."""
+
+    parts: list[PresignedPart]
+    expires_sec: int | None = None
+
+
+class MultipartListRequest(_Request):
+    """Body of ``POST multipart/list-parts``; page with ``part_number_marker``."""
+
+    object_key: str
+    upload_id: str = Field(min_length=1)
+    part_number_marker: JsonInt | None = Field(default=None, ge=0)
+
+
+class ListedPart(_Response):
+    """A part the store already holds."""
+
+    part_number: int = Field(ge=1, le=10_000)
+    etag: str
+    size_bytes: int = Field(ge=0)
+
+
+class MultipartListResponse(_Response):
+    """Answer of ``POST multipart/list-parts``: up to 1,000 parts a page."""
+
+    parts: list[ListedPart]
+    is_truncated: bool = False
+    next_part_number_marker: int | None = None
+
+
+class CompletedPart(_Request):
+    """A part as listed in ``multipart/complete``."""
+
+    part_number: JsonInt = Field(ge=1, le=10_000)
+    etag: str
+
+
+class MultipartCompleteRequest(_Request):
+    """Body of ``POST multipart/complete``: assemble, check and record the object."""
+
+    object_key: str
+    upload_id: str = Field(min_length=1)
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
+    size_bytes: JsonInt = Field(ge=0)
+    content_type: str = Field(min_length=1)
+
+
+class MultipartCompleteResponse(_Response):
+    """Answer of ``POST multipart/complete``."""
+
+    public_url: str
+    etag: str
+
+
+class MultipartAbortRequest(_Request):
+    """Body of ``POST multipart/abort``; aborting an unknown upload is not an error."""
+
+    object_key: str
+    upload_id: str = Field(min_length=1)

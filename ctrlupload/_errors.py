@@ -8,9 +8,11 @@
         ├── InvalidKeyError       the object key breaks a key rule      (phase "validate")
         ├── UploadTooLargeError   the body exceeds VIDEO_MAX_UPLOAD_BYTES (phase "validate")
         ├── SourceFileError       the file is missing, unreadable or changed (phase "source")
-        ├── BackendError          presign / complete / delete call failed
-        │                         (phase "presign", "complete" or "delete")
+        ├── BackendError          a backend call failed (phase "presign", "complete",
+        │                         "delete", "initiate", "presign-parts", "list-parts",
+        │                         "complete-multipart" or "abort")
         ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
+        ├── UploadCancelled       a part stopped because another part failed (phase "upload")
         └── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
 
 ``str(StorageUploadError)`` is ``Storage upload failed for '<key>': <reason>``, the text
@@ -31,6 +33,7 @@ __all__ = [
     "StorageTransferError",
     "StorageUploadError",
     "TransportFailure",
+    "UploadCancelled",
     "UploadTooLargeError",
 ]
 
@@ -134,6 +137,12 @@ class IntegrityError(StorageUploadError):
     """Storage reported an ETag that does not match the MD5 of the bytes sent."""
 
     default_phase = "integrity"
+
+
+class UploadCancelled(StorageUploadError):
+    """A part stopped because another part of the same upload failed."""
+
+    default_phase = "upload"
 
 
 class TransportFailure(Exception):

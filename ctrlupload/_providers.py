@@ -8,13 +8,16 @@ progress tracker; the only shared state is the transport's connection pools.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,16 +25,29 @@ from typing import BinaryIO, Final, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote
 
 from ._contract import (
+    CompletedPart,
     CompleteRequest,
     DeleteRequest,
+    ListedPart,
+    MultipartAbortRequest,
+    MultipartCompleteRequest,
+    MultipartCompleteResponse,
+    MultipartInitiateRequest,
+    MultipartInitiateResponse,
+    MultipartListRequest,
+    MultipartListResponse,
+    MultipartPresignRequest,
+    MultipartPresignResponse,
     PresignRequest,
     PresignResponse,
+    ResponseModel,
     StatusResponse,
     parse_response,
 )
 from ._errors import (
     BackendError,
     IntegrityError,
+    SourceFileError,
     StorageConfigError,
     StorageError,
     StorageTransferError,
@@ -40,8 +56,10 @@ from ._errors import (
     UploadTooLargeError,
 )
 from ._keys import guess_content_type, validate_key
+from ._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
+from ._parts import MAX_SINGLE_PUT_BYTES, Part, check_part_size, choose_part_size, plan_parts
 from ._redact import redact_text, redact_url
-from ._settings import Settings, StorageProvider
+from ._settings import MultipartMode, Settings, StorageProvider
 from ._streams import (
     DEFAULT_THREADED_HASH_MIN_BYTES,
     FileWindow,
@@ -103,6 +121,8 @@ class BaseStorageProvider(Protocol):
         key: str,
         content_type: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        resume: bool = False,
     ) -> StorageResult:
         """Upload a file from disk; see the concrete providers."""
         ...
@@ -143,7 +163,7 @@ class BaseStorageProvider(Protocol):
         ...
 
 
-_ResponseT = TypeVar("_ResponseT", PresignResponse, StatusResponse)
+_ResponseT = TypeVar("_ResponseT", bound=ResponseModel)
 
 
 class _ProviderBase:
@@ -174,6 +194,8 @@ class _ProviderBase:
         key: str,
         content_type: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        resume: bool = False,
     ) -> StorageResult:
         """Upload the file at ``path`` as ``key``.
 
@@ -181,8 +203,11 @@ class _ProviderBase:
             path: The file to upload; it is streamed, never read whole.
             key: The object key; checked against the key rules first.
             content_type: Defaults to a type guessed from the key's extension.
-            progress: ``progress(bytes_done, bytes_total)``, called from the uploading
-                thread; see the README for its guarantees.
+            progress: ``progress(bytes_done, bytes_total)``, possibly from several
+                threads (multipart); see the README for its guarantees.
+            resume: Upload in parts and keep a checkpoint under ``STORAGE_RESUME_DIR``,
+                so that a process that died mid-upload sends only the missing parts when
+                it calls again (backend provider; the local provider ignores it).
 
         Returns:
             The stored object.
@@ -191,8 +216,9 @@ class _ProviderBase:
             StorageUploadError: Any failure, as the subclass that says what failed.
         """
         key, content_type = self._prepare(key, content_type)
+        resume_path = os.path.abspath(path) if resume else None
         with open_source(key, path) as source:
-            return self._store(source, key, content_type, progress)
+            return self._store(source, key, content_type, progress, resume_path)
 
     def put_object(
         self,
@@ -247,6 +273,7 @@ class _ProviderBase:
         key: str,
         content_type: str,
         progress: ProgressCallback | None,
+        resume_path: str | None = None,
     ) -> StorageResult:
         raise NotImplementedError
 
@@ -320,6 +347,7 @@ class LocalStorageProvider(_ProviderBase):
         key: str,
         content_type: str,
         progress: ProgressCallback | None,
+        resume_path: str | None = None,
     ) -> StorageResult:
         self._check_size(key, source.size)
         tracker = ProgressTracker(source.size, progress)
@@ -388,6 +416,9 @@ class BackendPresignedStorageProvider(_ProviderBase):
             )
         self._base_url = s.backend_base_url
         self._token = s.backend_service_token.get_secret_value()
+        # Learned once: the backend answered 404/405/501 to multipart initiate.
+        self._no_multipart = False
+        self._no_multipart_lock = threading.Lock()
         self._transport = Transport(
             TransportConfig(
                 connect_timeout_s=s.storage_connect_timeout_s,
@@ -449,44 +480,63 @@ class BackendPresignedStorageProvider(_ProviderBase):
         key: str,
         content_type: str,
         progress: ProgressCallback | None,
+        resume_path: str | None = None,
     ) -> StorageResult:
         size = source.size
         self._check_size(key, size)
         started = time.monotonic()
+        result: StorageResult | None = None
+        if self._wants_multipart(size, resume_path):
+            result = self._store_multipart(source, key, content_type, progress, resume_path)
+        if result is None:
+            if size > MAX_SINGLE_PUT_BYTES:
+                raise UploadTooLargeError(
+                    key,
+                    f"File size {_megabytes(size)} exceeds S3's single-PUT limit of 5 GiB "
+                    "and the backend does not offer multipart uploads",
+                )
+            result = self._store_single(source, key, content_type, progress)
+        logger.debug("stored %s (%d bytes) in %.3fs", key, size, time.monotonic() - started)
+        return result
+
+    def _wants_multipart(self, size: int, resume_path: str | None) -> bool:
+        mode = self.settings.storage_multipart
+        if mode is MultipartMode.NEVER:
+            return False
+        if mode is MultipartMode.ALWAYS or resume_path is not None:
+            return True
+        return size >= self.settings.storage_multipart_threshold_bytes and not self._no_multipart
+
+    def _store_single(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        progress: ProgressCallback | None,
+    ) -> StorageResult:
+        size = source.size
         tracker = ProgressTracker(size, progress)
         tracker.start()
-        verify = self.settings.storage_verify_md5
-        hasher = (
-            Md5Hasher(
-                threaded=size >= DEFAULT_THREADED_HASH_MIN_BYTES,
-                block_bytes=self.settings.storage_send_block_bytes,
-            )
-            if verify
-            else None
+        presigned: list[PresignResponse] = []
+
+        def sign() -> tuple[str, dict[str, str]]:
+            presigned.append(self._presign(key, content_type, size))
+            return presigned[-1].upload_url, presigned[-1].headers
+
+        etag = self._send_window(
+            key,
+            "Upload to presigned URL",
+            sign,
+            lambda hasher: FileWindow(source, 0, size, hasher=hasher, progress=tracker),
+            threaded_hash=size >= DEFAULT_THREADED_HASH_MIN_BYTES,
         )
-        # One window for every attempt: its high-water mark keeps progress and the
-        # digest from counting a resent byte twice.
-        window = FileWindow(source, 0, size, hasher=hasher, progress=tracker)
-        try:
-            presign, result = self._put_with_fresh_url(window, key, content_type, size)
-            etag = result.headers.get("etag")
-            if not etag:
-                raise StorageTransferError(
-                    key,
-                    "Upload to presigned URL failed: storage answered without an ETag",
-                    status_code=result.status_code,
-                )
-            if hasher is not None and window.hash_complete:
-                _check_etag(key, etag, hasher.hexdigest(), result.headers)
-        finally:
-            if hasher is not None:
-                hasher.close()
+        public_url = presigned[-1].public_url
         completion = CompleteRequest(
             object_key=key,
             etag=etag,
             size_bytes=size,
             content_type=content_type,
-            public_url=presign.public_url,
+            public_url=public_url,
         )
         self._call_backend(
             key,
@@ -496,14 +546,339 @@ class BackendPresignedStorageProvider(_ProviderBase):
             StatusResponse,
         )
         tracker.finish()
-        logger.debug("stored %s (%d bytes) in %.3fs", key, size, time.monotonic() - started)
+        return StorageResult(
+            key=key, url=public_url, size_bytes=size, content_type=content_type, etag=etag
+        )
+
+    def _send_window(
+        self,
+        key: str,
+        what: str,
+        sign: Callable[[], tuple[str, dict[str, str]]],
+        make_window: Callable[[Md5Hasher | None], FileWindow],
+        *,
+        threaded_hash: bool = False,
+    ) -> str:
+        """PUT one window to a presigned URL and return the checked ETag.
+
+        An expired URL is signed once more (``sign``) and the same window is sent again:
+        its high-water mark keeps progress and the digest from counting a byte twice.
+        """
+        hasher = (
+            Md5Hasher(threaded=threaded_hash, block_bytes=self.settings.storage_send_block_bytes)
+            if self.settings.storage_verify_md5
+            else None
+        )
+        window = make_window(hasher)
+        try:
+            url, headers = sign()
+            result = self._put(window, key, url, headers, what)
+            if result.status_code == 403 and _EXPIRED_MARKER in result.body:
+                logger.info("presigned URL for %s expired; asking for a fresh one", key)
+                url, headers = sign()
+                result = self._put(window, key, url, headers, what)
+            if not result.ok:
+                raise StorageTransferError(
+                    key,
+                    f"{what} failed: HTTP {result.status_code}" + _s3_error_detail(result.body),
+                    status_code=result.status_code,
+                )
+            etag = result.headers.get("etag")
+            if not etag:
+                raise StorageTransferError(
+                    key,
+                    f"{what} failed: storage answered without an ETag",
+                    status_code=result.status_code,
+                )
+            if hasher is not None and window.hash_complete:
+                _check_etag(key, etag, hasher.hexdigest(), result.headers)
+        finally:
+            if hasher is not None:
+                hasher.close()
+        return etag
+
+    # -- multipart ---------------------------------------------------------------------
+
+    def _store_multipart(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        progress: ProgressCallback | None,
+        resume_path: str | None,
+    ) -> StorageResult | None:
+        """Upload in parts; None when the backend has no multipart API (use one PUT)."""
+        size = source.size
+        checkpoints = CheckpointStore(self._resume_dir()) if resume_path else None
+        resumed = (
+            self._resume(source, key, content_type, resume_path, checkpoints)
+            if checkpoints is not None and resume_path is not None
+            else None
+        )
+        if resumed is not None:
+            upload_id, part_size, done = resumed
+        else:
+            started = self._initiate(key, content_type, size)
+            if started is None:
+                return None
+            upload_id, part_size, done = started.upload_id, started.part_size, {}
+            problem = check_part_size(size, part_size)
+            if problem is not None:
+                error = BackendError(key, f"Multipart initiate failed: {problem}", phase="initiate")
+                self._abort(key, upload_id, error)
+                raise error
+            if checkpoints is not None and resume_path is not None:
+                checkpoints.save(
+                    Checkpoint(
+                        key=key,
+                        upload_id=upload_id,
+                        part_size=part_size,
+                        content_type=content_type,
+                        path=resume_path,
+                        size_bytes=size,
+                        mtime_ns=source.mtime_ns or 0,
+                        fingerprint=fingerprint(source),
+                    )
+                )
+        tracker = ProgressTracker(size, progress)
+        tracker.start()
+        parts = plan_parts(size, part_size)
+        tracker.add(sum(part.length for part in parts if part.number in done))
+        todo = [part for part in parts if part.number not in done]
+        concurrency = self.settings.storage_multipart_concurrency
+        urls = _PartUrls(
+            lambda numbers: self._presign_parts(key, upload_id, numbers),
+            [part.number for part in todo],
+            batch=min(1000, max(4, 2 * concurrency)),
+        )
+
+        def send_part(part: Part, cancelled: threading.Event) -> str:
+            return self._send_window(
+                key,
+                f"Upload of part {part.number} to presigned URL",
+                lambda: urls.get(part.number),
+                lambda hasher: FileWindow(
+                    source,
+                    part.offset,
+                    part.length,
+                    hasher=hasher,
+                    progress=tracker,
+                    cancelled=cancelled,
+                ),
+            )
+
+        try:
+            etags = {**done, **PartRunner(send_part, concurrency).run(todo)}
+            completion = MultipartCompleteRequest(
+                object_key=key,
+                upload_id=upload_id,
+                parts=[CompletedPart(part_number=n, etag=etags[n]) for n in sorted(etags)],
+                size_bytes=size,
+                content_type=content_type,
+            )
+            completed = self._call_backend(
+                key,
+                "complete-multipart",
+                self.settings.backend_storage_multipart_complete_path,
+                completion.model_dump(),
+                MultipartCompleteResponse,
+            )
+        except BaseException as exc:
+            if checkpoints is not None and resume_path is not None and _resumable(exc):
+                exc.add_note(
+                    f"Multipart upload {upload_id} was kept: call put_file(..., resume=True) "
+                    "again to send only the missing parts."
+                )
+            else:
+                self._abort(key, upload_id, exc)
+                if checkpoints is not None and resume_path is not None:
+                    checkpoints.delete(key, resume_path)
+            raise
+        if checkpoints is not None and resume_path is not None:
+            checkpoints.delete(key, resume_path)
+        tracker.finish()
         return StorageResult(
             key=key,
-            url=presign.public_url,
+            url=completed.public_url,
             size_bytes=size,
             content_type=content_type,
-            etag=etag,
+            etag=completed.etag,
         )
+
+    def _resume_dir(self) -> Path:
+        configured = self.settings.storage_resume_dir
+        if configured is not None:
+            return Path(configured)
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache) / "ctrlupload" / "resume"
+
+    def _initiate(self, key: str, content_type: str, size: int) -> MultipartInitiateResponse | None:
+        request = MultipartInitiateRequest(
+            object_key=key,
+            content_type=content_type,
+            content_length=size,
+            part_size=choose_part_size(size, self.settings.storage_multipart_part_bytes),
+        )
+        try:
+            return self._call_backend(
+                key,
+                "initiate",
+                self.settings.backend_storage_multipart_initiate_path,
+                request.model_dump(),
+                MultipartInitiateResponse,
+            )
+        except BackendError as error:
+            if error.status_code not in _NO_MULTIPART_STATUSES:
+                raise
+            if self.settings.storage_multipart is MultipartMode.ALWAYS:
+                raise BackendError(
+                    key,
+                    f"Multipart initiate failed: HTTP {error.status_code}: the backend does "
+                    "not offer multipart uploads and STORAGE_MULTIPART=always",
+                    phase="initiate",
+                    status_code=error.status_code,
+                ) from error
+            with self._no_multipart_lock:
+                first = not self._no_multipart
+                self._no_multipart = True
+            if first:
+                logger.info(
+                    "backend %s answered HTTP %s to multipart initiate: using single PUTs "
+                    "(up to 5 GiB) for the life of this provider",
+                    self._base_url,
+                    error.status_code,
+                )
+            return None
+
+    def _presign_parts(
+        self, key: str, upload_id: str, numbers: list[int]
+    ) -> dict[int, tuple[str, dict[str, str]]]:
+        request = MultipartPresignRequest(object_key=key, upload_id=upload_id, part_numbers=numbers)
+        answer = self._call_backend(
+            key,
+            "presign-parts",
+            self.settings.backend_storage_multipart_presign_path,
+            request.model_dump(),
+            MultipartPresignResponse,
+        )
+        signed = {part.part_number: (part.upload_url, part.headers) for part in answer.parts}
+        missing = sorted(set(numbers) - set(signed))
+        if missing:
+            raise BackendError(
+                key,
+                f"Part presign request failed: no URL for part(s) {missing[:5]}",
+                phase="presign-parts",
+            )
+        for _, headers in signed.values():
+            self._refuse_token_in(key, headers, "Part presign request failed")
+        return signed
+
+    def _list_parts(self, key: str, upload_id: str) -> list[ListedPart]:
+        listed: list[ListedPart] = []
+        marker: int | None = None
+        while True:
+            request = MultipartListRequest(
+                object_key=key, upload_id=upload_id, part_number_marker=marker
+            )
+            page = self._call_backend(
+                key,
+                "list-parts",
+                self.settings.backend_storage_multipart_list_path,
+                request.model_dump(),
+                MultipartListResponse,
+            )
+            listed.extend(page.parts)
+            following = page.next_part_number_marker
+            if not page.is_truncated:
+                return listed
+            if following is None or (marker is not None and following <= marker):
+                raise BackendError(
+                    key, "List parts failed: the page marker did not advance", phase="list-parts"
+                )
+            marker = following
+
+    def _resume(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        resume_path: str,
+        checkpoints: CheckpointStore,
+    ) -> tuple[str, int, dict[int, str]] | None:
+        """Continue the checkpointed upload: its id, part size and the parts to keep."""
+        checkpoint = checkpoints.load(key, resume_path)
+        if checkpoint is None:
+            return None
+        same_file = (
+            checkpoint.size_bytes == source.size
+            and checkpoint.mtime_ns == (source.mtime_ns or 0)
+            and checkpoint.content_type == content_type
+            and checkpoint.fingerprint == fingerprint(source)
+        )
+        if not same_file:
+            logger.info("%s changed since its upload started; starting over", resume_path)
+            self._abort(key, checkpoint.upload_id, None)
+            checkpoints.delete(key, resume_path)
+            return None
+        try:
+            listed = self._list_parts(key, checkpoint.upload_id)
+        except BackendError as error:
+            if error.status_code not in (404, 410):
+                raise
+            logger.info("upload %s is gone at the backend; starting over", checkpoint.upload_id)
+            checkpoints.delete(key, resume_path)
+            return None
+        plan = {part.number: part for part in plan_parts(source.size, checkpoint.part_size)}
+        candidates = [
+            (plan[item.part_number], item.etag)
+            for item in listed
+            if item.part_number in plan and item.size_bytes == plan[item.part_number].length
+        ]
+
+        def matches(candidate: tuple[Part, str]) -> bool:
+            part, etag = candidate
+            digest = hashlib.md5(usedforsecurity=False)
+            offset, end = part.offset, part.offset + part.length
+            while offset < end:
+                block = source.read_at(offset, min(1024 * 1024, end - offset))
+                if not block:
+                    return False
+                digest.update(block)
+                offset += len(block)
+            return _bare_etag(etag) == digest.hexdigest()
+
+        with ThreadPoolExecutor(self.settings.storage_multipart_concurrency) as pool:
+            verdicts = list(pool.map(matches, candidates))
+        done = {
+            part.number: etag for (part, etag), ok in zip(candidates, verdicts, strict=True) if ok
+        }
+        logger.info(
+            "resuming upload %s of %s: %d of %d parts already stored",
+            checkpoint.upload_id,
+            key,
+            len(done),
+            len(plan),
+        )
+        return checkpoint.upload_id, checkpoint.part_size, done
+
+    def _abort(self, key: str, upload_id: str, original: BaseException | None) -> None:
+        """Abort at the backend; a failure is logged and noted, never raised over ``original``."""
+        try:
+            self._call_backend(
+                key,
+                "abort",
+                self.settings.backend_storage_multipart_abort_path,
+                MultipartAbortRequest(object_key=key, upload_id=upload_id).model_dump(),
+                StatusResponse,
+            )
+        except StorageError as abort_error:
+            logger.warning(
+                "could not abort multipart upload %s of %s: %s", upload_id, key, abort_error
+            )
+            if original is not None:
+                original.add_note(
+                    f"Aborting multipart upload {upload_id} also failed: {abort_error}"
+                )
 
     def _presign(self, key: str, content_type: str, size: int) -> PresignResponse:
         request = PresignRequest(object_key=key, content_type=content_type, content_length=size)
@@ -514,56 +889,43 @@ class BackendPresignedStorageProvider(_ProviderBase):
             request.model_dump(),
             PresignResponse,
         )
-        for name, value in presign.headers.items():
+        self._refuse_token_in(key, presign.headers, "Presign request failed")
+        return presign
+
+    def _refuse_token_in(self, key: str, headers: Mapping[str, str], label: str) -> None:
+        for name, value in headers.items():
             if self._token in value or self._token in name:
                 raise BackendError(
                     key,
-                    "Presign request failed: the returned headers carry the service "
-                    "token, which is never sent to storage",
+                    f"{label}: the returned headers carry the service token, which is "
+                    "never sent to storage",
                     phase="presign",
                 )
-        return presign
 
-    def _put_with_fresh_url(
-        self, window: FileWindow, key: str, content_type: str, size: int
-    ) -> tuple[PresignResponse, HttpResult]:
-        """PUT the body; an expired URL gets one fresh presign and one more PUT."""
-        presign = self._presign(key, content_type, size)
-        result = self._put(window, key, presign)
-        if result.status_code == 403 and _EXPIRED_MARKER in result.body:
-            logger.info("presigned URL for %s expired; asking for a fresh one", key)
-            presign = self._presign(key, content_type, size)
-            result = self._put(window, key, presign)
-        if not result.ok:
-            raise StorageTransferError(
-                key,
-                f"Upload to presigned URL failed: HTTP {result.status_code}"
-                + _s3_error_detail(result.body),
-                status_code=result.status_code,
-            )
-        return presign, result
-
-    def _put(self, window: FileWindow, key: str, presign: PresignResponse) -> HttpResult:
-        headers = {
-            name: value
-            for name, value in presign.headers.items()
-            if name.lower() not in _HOP_HEADERS
+    def _put(
+        self, window: FileWindow, key: str, url: str, headers: Mapping[str, str], what: str
+    ) -> HttpResult:
+        sent_headers = {
+            name: value for name, value in headers.items() if name.lower() not in _HOP_HEADERS
         }
         window.seek(0)
         body: object = window if len(window) else b""
         try:
-            return self._transport.put(presign.upload_url, body, headers)
+            return self._transport.put(url, body, sent_headers)
         except TransportFailure as failure:
             raise StorageTransferError(
-                key,
-                f"Upload to presigned URL failed: {failure.args[0]} "
-                f"(url {redact_url(presign.upload_url)})",
+                key, f"{what} failed: {failure.args[0]} (url {redact_url(url)})"
             ) from failure
 
     _LABELS: Final = {
         "presign": "Presign request failed",
         "complete": "Complete notification failed",
         "delete": "Delete request failed",
+        "initiate": "Multipart initiate failed",
+        "presign-parts": "Part presign request failed",
+        "list-parts": "List parts failed",
+        "complete-multipart": "Multipart complete failed",
+        "abort": "Multipart abort failed",
     }
 
     def _call_backend(
@@ -601,6 +963,61 @@ class BackendPresignedStorageProvider(_ProviderBase):
                 key, f"{label}: {problem}", phase=phase, status_code=result.status_code
             )
         return parsed
+
+
+class _PartUrls:
+    """Presigned part URLs, signed in batches just ahead of use; thread-safe.
+
+    The first ``get`` of a part takes its URL from the current batch (signing the next
+    batch when needed); a second ``get`` (after storage said the URL expired) signs
+    that part alone again.
+    """
+
+    def __init__(
+        self,
+        sign: Callable[[list[int]], dict[int, tuple[str, dict[str, str]]]],
+        order: list[int],
+        batch: int,
+    ) -> None:
+        self._sign = sign
+        self._order = order
+        self._position = {number: index for index, number in enumerate(order)}
+        self._batch = batch
+        self._cache: dict[int, tuple[str, dict[str, str]]] = {}
+        self._handed_out: set[int] = set()
+        self._lock = threading.Lock()
+
+    def get(self, number: int) -> tuple[str, dict[str, str]]:
+        with self._lock:
+            if number in self._handed_out:
+                return self._sign([number])[number]
+            if number not in self._cache:
+                start = self._position[number]
+                wanted = [
+                    n
+                    for n in self._order[start : start + self._batch]
+                    if n not in self._cache and n not in self._handed_out
+                ]
+                self._cache.update(self._sign(wanted))
+            self._handed_out.add(number)
+            signed: tuple[str, dict[str, str]] = self._cache.pop(number)
+            return signed
+
+
+_NO_MULTIPART_STATUSES: Final = frozenset({404, 405, 501})
+
+
+def _resumable(exc: BaseException) -> bool:
+    """A failure a later resume can get past: the network or the service, not the data."""
+    if isinstance(exc, (IntegrityError, SourceFileError, UploadTooLargeError)):
+        return False
+    if isinstance(exc, (StorageTransferError, BackendError)):
+        return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
+    return False
+
+
+def _bare_etag(etag: str) -> str:
+    return etag.strip().removeprefix("W/").strip('"').lower()
 
 
 def _check_etag(key: str, etag: str, digest: str, headers: Mapping[str, str]) -> None:

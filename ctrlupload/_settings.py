@@ -24,8 +24,14 @@ from pydantic import (
 )
 
 from ._errors import StorageConfigError
+from ._parts import (
+    DEFAULT_MULTIPART_THRESHOLD_BYTES,
+    DEFAULT_PART_BYTES,
+    MAX_PART_BYTES,
+    MIN_PART_BYTES,
+)
 
-__all__ = ["DEFAULT_SEND_BLOCK_BYTES", "Settings", "StorageProvider"]
+__all__ = ["DEFAULT_SEND_BLOCK_BYTES", "MultipartMode", "Settings", "StorageProvider"]
 
 MIB: Final = 1024 * 1024
 DEFAULT_MAX_UPLOAD_BYTES: Final = 104_857_600
@@ -41,6 +47,14 @@ class StorageProvider(StrEnum):
     S3 = "s3"
     MINIO = "minio"
     BACKEND_PRESIGNED = "backend_presigned"
+
+
+class MultipartMode(StrEnum):
+    """When to use multipart uploads; the value of ``STORAGE_MULTIPART``."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 class Settings(BaseModel):
@@ -77,6 +91,22 @@ class Settings(BaseModel):
     )
     backend_storage_delete_path: str = Field(
         "/internal/storage/delete", alias="BACKEND_STORAGE_DELETE_PATH"
+    )
+    backend_storage_multipart_initiate_path: str = Field(
+        "/internal/storage/multipart/initiate", alias="BACKEND_STORAGE_MULTIPART_INITIATE_PATH"
+    )
+    backend_storage_multipart_presign_path: str = Field(
+        "/internal/storage/multipart/presign-parts",
+        alias="BACKEND_STORAGE_MULTIPART_PRESIGN_PATH",
+    )
+    backend_storage_multipart_list_path: str = Field(
+        "/internal/storage/multipart/list-parts", alias="BACKEND_STORAGE_MULTIPART_LIST_PATH"
+    )
+    backend_storage_multipart_complete_path: str = Field(
+        "/internal/storage/multipart/complete", alias="BACKEND_STORAGE_MULTIPART_COMPLETE_PATH"
+    )
+    backend_storage_multipart_abort_path: str = Field(
+        "/internal/storage/multipart/abort", alias="BACKEND_STORAGE_MULTIPART_ABORT_PATH"
     )
     video_max_upload_bytes: int = Field(
         DEFAULT_MAX_UPLOAD_BYTES,
@@ -129,6 +159,36 @@ class Settings(BaseModel):
         le=1024,
         description="Kept-alive connections per host; set it to at least your thread count.",
     )
+    storage_multipart: MultipartMode = Field(
+        MultipartMode.AUTO,
+        alias="STORAGE_MULTIPART",
+        description="auto: multipart when the backend offers it; always; never.",
+    )
+    storage_multipart_threshold_bytes: int = Field(
+        DEFAULT_MULTIPART_THRESHOLD_BYTES,
+        alias="STORAGE_MULTIPART_THRESHOLD_BYTES",
+        ge=MIN_PART_BYTES,
+        description="Files at least this large go multipart (in auto and always modes).",
+    )
+    storage_multipart_part_bytes: int = Field(
+        DEFAULT_PART_BYTES,
+        alias="STORAGE_MULTIPART_PART_BYTES",
+        ge=MIN_PART_BYTES,
+        le=MAX_PART_BYTES,
+        description="Preferred part size; grown so a file needs at most 10,000 parts.",
+    )
+    storage_multipart_concurrency: int = Field(
+        4,
+        alias="STORAGE_MULTIPART_CONCURRENCY",
+        ge=1,
+        le=64,
+        description="Parts of one file sent at once.",
+    )
+    storage_resume_dir: Path | None = Field(
+        None,
+        alias="STORAGE_RESUME_DIR",
+        description="Checkpoints of resumable uploads; ~/.cache/ctrlupload/resume if unset.",
+    )
     storage_verify_md5: bool = Field(
         True,
         alias="STORAGE_VERIFY_MD5",
@@ -151,6 +211,11 @@ class Settings(BaseModel):
         "backend_storage_presign_path",
         "backend_storage_complete_path",
         "backend_storage_delete_path",
+        "backend_storage_multipart_initiate_path",
+        "backend_storage_multipart_presign_path",
+        "backend_storage_multipart_list_path",
+        "backend_storage_multipart_complete_path",
+        "backend_storage_multipart_abort_path",
     )
     @classmethod
     def _api_path(cls, value: str) -> str:

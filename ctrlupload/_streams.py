@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
-from ._errors import SourceFileError
+from ._errors import SourceFileError, UploadCancelled
 
 logger = logging.getLogger("ctrlupload")
 
@@ -179,9 +179,11 @@ class SourceReader:
         size: int,
         check_unchanged: Callable[[], str | None] = lambda: None,
         close: Callable[[], None] = lambda: None,
+        mtime_ns: int | None = None,
     ) -> None:
         self.key = key
         self.size = size
+        self.mtime_ns = mtime_ns
         self._read_at = read_at
         self._check_unchanged = check_unchanged
         self._close = close
@@ -263,6 +265,7 @@ def open_source(key: str, path: str | os.PathLike[str]) -> SourceReader:
         identity.size,
         check_unchanged=check_unchanged,
         close=lambda: os.close(fd),
+        mtime_ns=identity.mtime_ns,
     )
 
 
@@ -344,8 +347,10 @@ class FileWindow:
         *,
         hasher: Md5Hasher | None = None,
         progress: ProgressTracker | None = None,
+        cancelled: threading.Event | None = None,
     ) -> None:
         self._source = source
+        self._cancelled = cancelled
         self._offset = offset
         self._length = length
         self._pos = 0
@@ -384,6 +389,10 @@ class FileWindow:
         remaining = self._length - self._pos
         if remaining <= 0:
             return b""
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise UploadCancelled(
+                self._source.key, "Part upload cancelled because another part failed"
+            )
         want = remaining if size is None or size < 0 else min(size, remaining)
         block = self._source.read_at(self._offset + self._pos, want)
         if len(block) < want:
