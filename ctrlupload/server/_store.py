@@ -3,12 +3,20 @@
 ``LocalObjectStore`` (the embedded default) keeps objects on disk and signs upload URLs
 for the server's own PUT endpoint. ``S3ObjectStore`` (``ctrlupload[s3]``) presigns real
 S3 PUTs with boto3 for AWS or any S3-compatible endpoint.
+
+Both also run S3-style multipart uploads: create, presign each part, list the parts
+held, complete (assemble) and abort. The local store mimics S3's semantics, including
+``NoSuchUpload`` for an upload that was never started, was aborted or was completed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
+
+#: S3's page size for ListParts, and the most the contract returns at once.
+MAX_LIST_PARTS: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,55 @@ class ObjectInfo:
 
     size_bytes: int
     etag: str
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part a multipart upload holds: its number, ETag (quotes included) and size."""
+
+    part_number: int
+    etag: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class PartsPage:
+    """One page of ListParts: parts in ascending order, and where the next page starts."""
+
+    parts: tuple[StoredPart, ...]
+    is_truncated: bool
+    next_part_number_marker: int | None
+
+
+class NoSuchUpload(Exception):
+    """The store holds no such multipart upload: never started, aborted or completed."""
+
+
+class InvalidPart(Exception):
+    """A part named in a completion is missing, differs, or is too small."""
+
+
+def page_parts(parts: Iterable[StoredPart], part_number_marker: int, max_parts: int) -> PartsPage:
+    """Page parts the way S3's ListParts does.
+
+    Args:
+        parts: Every part held, in any order.
+        part_number_marker: List only parts with a larger number (0 for the first page).
+        max_parts: The most parts in one page (at least 1).
+
+    Returns:
+        Up to ``max_parts`` parts above the marker, ascending; ``is_truncated`` when more
+        follow, and then ``next_part_number_marker`` is the last number in this page.
+    """
+    if max_parts < 1:
+        raise ValueError("max_parts must be at least 1")
+    after = sorted(
+        (part for part in parts if part.part_number > part_number_marker),
+        key=lambda part: part.part_number,
+    )
+    page = tuple(after[:max_parts])
+    truncated = len(after) > max_parts
+    return PartsPage(page, truncated, page[-1].part_number if truncated else None)
 
 
 class ObjectStore(Protocol):
@@ -47,4 +104,44 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
+        ...
+
+    # -- multipart uploads -----------------------------------------------------------
+
+    def create_multipart(self, key: str, content_type: str) -> str:
+        """Start a multipart upload of ``key`` and return its upload id."""
+        ...
+
+    def presign_part(
+        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+    ) -> PresignedPut:
+        """Return a URL that accepts one PUT of this part with exactly this length."""
+        ...
+
+    def list_parts(
+        self, key: str, upload_id: str, *, part_number_marker: int = 0, max_parts: int = 1000
+    ) -> PartsPage:
+        """The parts the upload holds above ``part_number_marker``, ascending.
+
+        Raises:
+            NoSuchUpload: The store has no such upload for this key.
+        """
+        ...
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+    ) -> ObjectInfo:
+        """Assemble ``parts`` (ascending, as listed) into the object and end the upload.
+
+        Returns:
+            The stored object's size and ETag (S3's ``"<md5 of part md5s>-N"`` form).
+
+        Raises:
+            NoSuchUpload: The store has no such upload for this key.
+            InvalidPart: A part is missing or differs from the one given.
+        """
+        ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop the upload and its parts; an unknown upload is not an error."""
         ...
