@@ -1,6 +1,7 @@
 """The reference backend: an executable specification of the internal storage API.
 
-It implements the seed's presign-put / complete / delete endpoints (``openapi.yaml``
+It implements the seed's presign-put / complete / delete endpoints and the multipart
+extension (initiate / presign-parts / list-parts / complete / abort; ``openapi.yaml``
 in this package) over two object stores: ``local`` (files on disk, signed upload URLs
 served by the backend itself) and ``s3`` (boto3 presigning for AWS or any S3-compatible
 endpoint; ``pip install 'ctrlupload[s3]'``). Completions are recorded in SQLite.
@@ -14,10 +15,10 @@ Client modules never import this package.
 """
 
 from ._app import ApiPaths, ReferenceBackend, openapi_document
-from ._db import AssetDB, AssetRow
+from ._db import AssetDB, AssetRow, UploadRow
 from ._local import LocalObjectStore
 from ._runtime import ReferenceServer, ServerConfig
-from ._store import ObjectInfo, ObjectStore, PresignedPut
+from ._store import ObjectInfo, ObjectStore, PartsPage, PresignedPut, StoredPart
 from ._wsgi import WSGIServer
 
 __all__ = [
@@ -27,10 +28,13 @@ __all__ = [
     "LocalObjectStore",
     "ObjectInfo",
     "ObjectStore",
+    "PartsPage",
     "PresignedPut",
     "ReferenceBackend",
     "ReferenceServer",
     "ServerConfig",
+    "StoredPart",
+    "UploadRow",
     "WSGIServer",
     "openapi_document",
 ]

@@ -5,17 +5,29 @@ HTTP/1.1 keep-alive, stdlib only). Routes:
 
 * ``POST {presign path}``, ``POST {complete path}``, ``POST {delete path}``: the
   internal API, bearer-token protected (``openapi.yaml`` beside this file).
-* ``PUT /upload/{key}`` and ``GET /files/{key}``: the local store's signed upload
-  endpoint and public downloads (only with :class:`LocalObjectStore`).
+* ``POST {multipart initiate | presign-parts | list-parts | complete | abort path}``:
+  the multipart extension (issue 4), protected and validated the same way.
+* ``PUT /upload/{key}``, ``PUT /upload-part/{upload_id}/{n}`` and ``GET /files/{key}``:
+  the local store's signed upload endpoints and public downloads (only with
+  :class:`LocalObjectStore`).
 * ``GET /openapi.yaml``, ``GET /healthz``.
+
+Multipart uploads are recorded in the :class:`AssetDB` registry when initiated, so a
+restarted backend still knows them. ``complete`` checks the part list against what the
+store holds before assembling (ascending unique numbers, matching ETags, every part but
+the last at least ``min_part_bytes``, sizes adding up to ``size_bytes``), and is safe to
+repeat: a completed upload answers the same success to the same part list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, BinaryIO, Final
@@ -24,13 +36,31 @@ from xml.sax.saxutils import escape
 
 from pydantic import BaseModel, ValidationError
 
-from .._contract import CompleteRequest, DeleteRequest, PresignRequest
+from .._contract import (
+    CompletedPart,
+    CompleteRequest,
+    DeleteRequest,
+    MultipartAbortRequest,
+    MultipartCompleteRequest,
+    MultipartInitiateRequest,
+    MultipartListRequest,
+    MultipartPresignRequest,
+    PresignRequest,
+)
 from .._errors import InvalidKeyError, StorageError
 from .._keys import guess_content_type, validate_key
+from .._parts import (
+    DEFAULT_PART_BYTES,
+    MAX_OBJECT_BYTES,
+    MIN_PART_BYTES,
+    choose_part_size,
+    multipart_etag,
+)
 from .._settings import Settings
-from ._db import AssetDB
+from ._db import AssetDB, UploadRow
 from ._local import IncompleteBody, LocalObjectStore, UploadRejected
-from ._store import ObjectStore
+from ._locks import StripedLocks
+from ._store import MAX_LIST_PARTS, InvalidPart, NoSuchUpload, ObjectStore, StoredPart
 
 logger = logging.getLogger("ctrlupload.server")
 
@@ -41,8 +71,14 @@ GIB: Final = 1024**3
 #: S3's limit for one PUT; the default ceiling for content_length.
 DEFAULT_MAX_CONTENT_LENGTH: Final = 5 * GIB
 DEFAULT_EXPIRES_SEC: Final = 600
-MAX_JSON_BYTES: Final = 64 * 1024
+#: S3's largest object: the default ceiling for a multipart upload's content_length.
+DEFAULT_MAX_OBJECT_BYTES: Final = MAX_OBJECT_BYTES
+#: S3's smallest part (all but the last): the default floor of the part size.
+DEFAULT_MIN_PART_BYTES: Final = MIN_PART_BYTES
+#: A complete request for 10,000 parts is about 700 KB of JSON.
+MAX_JSON_BYTES: Final = 2 * 1024 * 1024
 _DEFAULTS: Final = Settings()
+_MD5_HEX: Final = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +88,11 @@ class ApiPaths:
     presign: str = _DEFAULTS.backend_storage_presign_path
     complete: str = _DEFAULTS.backend_storage_complete_path
     delete: str = _DEFAULTS.backend_storage_delete_path
+    multipart_initiate: str = _DEFAULTS.backend_storage_multipart_initiate_path
+    multipart_presign: str = _DEFAULTS.backend_storage_multipart_presign_path
+    multipart_list: str = _DEFAULTS.backend_storage_multipart_list_path
+    multipart_complete: str = _DEFAULTS.backend_storage_multipart_complete_path
+    multipart_abort: str = _DEFAULTS.backend_storage_multipart_abort_path
 
 
 class _HttpError(Exception):
@@ -97,13 +138,22 @@ def openapi_document() -> bytes:
 class ReferenceBackend:
     """The seed's backend: presigns uploads, records completions, deletes.
 
+    It also runs the multipart extension: initiate, presign parts, list parts,
+    complete and abort.
+
     Args:
         token: The service token clients must present as ``Bearer``.
         store: Where objects live (local files or S3).
-        db: Where completed uploads are recorded.
+        db: Where completed uploads and the multipart registry are recorded.
         max_content_length: Largest ``content_length`` presign accepts.
         expires_sec: Lifetime of each presigned URL.
-        paths: Where the three internal endpoints are mounted.
+        paths: Where the internal endpoints are mounted.
+        max_object_bytes: Largest ``content_length`` multipart initiate accepts.
+        min_part_bytes: Smallest part size initiate answers, and the least every part
+            but the last must hold at complete. S3 needs 5 MiB; tests of the local
+            store may lower it.
+        max_list_parts: Most parts in one list-parts page (1 to 1,000); tests lower it
+            to exercise paging.
     """
 
     def __init__(
@@ -115,25 +165,52 @@ class ReferenceBackend:
         max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
         expires_sec: int = DEFAULT_EXPIRES_SEC,
         paths: ApiPaths | None = None,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        min_part_bytes: int = DEFAULT_MIN_PART_BYTES,
+        max_list_parts: int = MAX_LIST_PARTS,
     ) -> None:
         if not token:
             raise ValueError("the reference backend needs a non-empty service token")
+        if not 0 <= max_object_bytes <= MAX_OBJECT_BYTES:
+            raise ValueError(f"max_object_bytes must be between 0 and {MAX_OBJECT_BYTES}")
+        if min_part_bytes < 1:
+            raise ValueError("min_part_bytes must be at least 1")
+        if not 1 <= max_list_parts <= MAX_LIST_PARTS:
+            raise ValueError(f"max_list_parts must be between 1 and {MAX_LIST_PARTS}")
         self._expected_auth = f"Bearer {token}".encode()
         self.store = store
         self.db = db
         self.max_content_length = max_content_length
         self.expires_sec = expires_sec
         self.paths = paths or ApiPaths()
+        self.max_object_bytes = max_object_bytes
+        self.min_part_bytes = min_part_bytes
+        self.max_list_parts = max_list_parts
+        # Orders complete and abort of one upload: a retried complete waits for the
+        # first one and then answers from the registry.
+        self._upload_lock = StripedLocks()
         self._api: dict[str, Callable[[Any], dict[str, Any]]] = {
             self.paths.presign: self._presign,
             self.paths.complete: self._complete,
             self.paths.delete: self._delete,
+            self.paths.multipart_initiate: self._multipart_initiate,
+            self.paths.multipart_presign: self._multipart_presign,
+            self.paths.multipart_list: self._multipart_list,
+            self.paths.multipart_complete: self._multipart_complete,
+            self.paths.multipart_abort: self._multipart_abort,
         }
         self._models: dict[str, type[BaseModel]] = {
             self.paths.presign: PresignRequest,
             self.paths.complete: CompleteRequest,
             self.paths.delete: DeleteRequest,
+            self.paths.multipart_initiate: MultipartInitiateRequest,
+            self.paths.multipart_presign: MultipartPresignRequest,
+            self.paths.multipart_list: MultipartListRequest,
+            self.paths.multipart_complete: MultipartCompleteRequest,
+            self.paths.multipart_abort: MultipartAbortRequest,
         }
+        if len(self._api) != 8:
+            raise ValueError("the internal API paths must be distinct")
 
     def __repr__(self) -> str:
         return f"ReferenceBackend(store={self.store!r})"
@@ -149,6 +226,12 @@ class ReferenceBackend:
                     raise _not_allowed("POST", f"{path} accepts POST only")
                 return self._json_api(environ, start_response, path)
             local = self.store if isinstance(self.store, LocalObjectStore) else None
+            if local is not None and path.startswith("/upload-part/"):
+                if method != "PUT":
+                    raise _not_allowed("PUT", "part uploads use PUT")
+                return self._upload_part(
+                    environ, start_response, local, path[len("/upload-part/") :]
+                )
             if local is not None and path.startswith("/upload/"):
                 if method != "PUT":
                     raise _not_allowed("PUT", "uploads use PUT")
@@ -259,6 +342,210 @@ class ReferenceBackend:
         self.db.delete(request.object_key)
         return {"status": "ok"}
 
+    # -- multipart extension -----------------------------------------------------------
+
+    def _pending_upload(self, object_key: str, upload_id: str) -> UploadRow:
+        """The registry row of an upload still in progress for this key, else 404."""
+        row = self.db.get_upload(upload_id)
+        if row is None or row.object_key != object_key:
+            raise _no_such_upload(object_key, upload_id)
+        if row.completed:
+            raise _HttpError(
+                404, "no_such_upload", f"multipart upload {upload_id!r} is already completed"
+            )
+        return row
+
+    def _multipart_initiate(self, request: MultipartInitiateRequest) -> dict[str, Any]:
+        if request.content_length > self.max_object_bytes:
+            raise _HttpError(
+                400,
+                "bad_request",
+                f"content_length {request.content_length} exceeds this backend's maximum "
+                f"of {self.max_object_bytes} bytes",
+            )
+        part_size = choose_part_size(
+            request.content_length,
+            request.part_size or DEFAULT_PART_BYTES,
+            min_part_bytes=self.min_part_bytes,
+        )
+        upload_id = self.store.create_multipart(request.object_key, request.content_type)
+        try:
+            self.db.add_upload(
+                upload_id,
+                request.object_key,
+                request.content_type,
+                request.content_length,
+                part_size,
+            )
+        except BaseException:
+            self.store.abort_multipart(request.object_key, upload_id)
+            raise
+        return {"upload_id": upload_id, "part_size": part_size, "expires_sec": self.expires_sec}
+
+    def _multipart_presign(self, request: MultipartPresignRequest) -> dict[str, Any]:
+        row = self._pending_upload(request.object_key, request.upload_id)
+        count = _part_count(row)
+        for number in request.part_numbers:
+            if not 1 <= number <= count:
+                raise _HttpError(
+                    400,
+                    "bad_request",
+                    f"part number {number} is outside 1..{count}, the parts of a "
+                    f"{row.content_length}-byte upload in {row.part_size}-byte parts",
+                )
+        parts = []
+        for number in request.part_numbers:
+            signed = self.store.presign_part(
+                row.object_key, row.upload_id, number, _part_length(row, number), self.expires_sec
+            )
+            parts.append(
+                {"part_number": number, "upload_url": signed.upload_url, "headers": signed.headers}
+            )
+        return {"parts": parts, "expires_sec": self.expires_sec}
+
+    def _multipart_list(self, request: MultipartListRequest) -> dict[str, Any]:
+        row = self._pending_upload(request.object_key, request.upload_id)
+        try:
+            page = self.store.list_parts(
+                row.object_key,
+                row.upload_id,
+                part_number_marker=request.part_number_marker or 0,
+                max_parts=self.max_list_parts,
+            )
+        except NoSuchUpload:
+            raise _no_such_upload(request.object_key, request.upload_id) from None
+        return {
+            "parts": [
+                {"part_number": part.part_number, "etag": part.etag, "size_bytes": part.size_bytes}
+                for part in page.parts
+            ],
+            "is_truncated": page.is_truncated,
+            "next_part_number_marker": page.next_part_number_marker,
+        }
+
+    def _multipart_complete(self, request: MultipartCompleteRequest) -> dict[str, Any]:
+        key, upload_id = request.object_key, request.upload_id
+        digest = _completion_digest(request)
+        public_url = self.store.public_url(key)
+        with self._upload_lock(upload_id):
+            row = self.db.get_upload(upload_id)
+            if row is None or row.object_key != key:
+                raise _no_such_upload(key, upload_id)
+            if row.completed_etag is not None:
+                if row.completed_digest == digest:
+                    return {"public_url": public_url, "etag": row.completed_etag}
+                raise _HttpError(
+                    404,
+                    "no_such_upload",
+                    f"multipart upload {upload_id!r} was already completed with other parts",
+                )
+            _check_part_order(request.parts)
+            if request.size_bytes != row.content_length:
+                raise _invalid_part(
+                    f"size_bytes {request.size_bytes} differs from the content_length "
+                    f"{row.content_length} given at initiate"
+                )
+            try:
+                held = self._all_parts(key, upload_id)
+            except NoSuchUpload:
+                held = None
+            if held is None:
+                # The store no longer has the upload. If that is because an earlier
+                # complete assembled it and died before recording, the object is there.
+                return self._recover_completion(request, digest, public_url)
+            parts = self._verified_parts(request, held)
+            try:
+                info = self.store.complete_multipart(key, upload_id, parts)
+            except NoSuchUpload:
+                raise _no_such_upload(key, upload_id) from None
+            except InvalidPart as exc:
+                raise _invalid_part(str(exc)) from None
+            except UploadRejected as rejected:
+                raise _HttpError(400, "bad_request", rejected.message) from None
+            self.db.complete_upload(
+                upload_id,
+                etag=info.etag,
+                digest=digest,
+                size_bytes=info.size_bytes,
+                content_type=request.content_type,
+                public_url=public_url,
+            )
+        return {"public_url": public_url, "etag": info.etag}
+
+    def _all_parts(self, key: str, upload_id: str) -> dict[int, StoredPart]:
+        held: dict[int, StoredPart] = {}
+        marker = 0
+        while True:
+            page = self.store.list_parts(
+                key, upload_id, part_number_marker=marker, max_parts=MAX_LIST_PARTS
+            )
+            held.update((part.part_number, part) for part in page.parts)
+            if not page.is_truncated or page.next_part_number_marker is None:
+                return held
+            marker = page.next_part_number_marker
+
+    def _verified_parts(
+        self, request: MultipartCompleteRequest, held: dict[int, StoredPart]
+    ) -> list[StoredPart]:
+        """The parts to assemble, as the store holds them; 400 unless they all fit."""
+        parts = []
+        for position, wanted in enumerate(request.parts, start=1):
+            part = held.get(wanted.part_number)
+            if part is None:
+                raise _invalid_part(f"part {wanted.part_number} was not uploaded")
+            if _bare_etag(part.etag) != _bare_etag(wanted.etag):
+                raise _invalid_part(
+                    f"part {wanted.part_number} has ETag {part.etag}, not {wanted.etag}"
+                )
+            if position < len(request.parts) and part.size_bytes < self.min_part_bytes:
+                raise _invalid_part(
+                    f"part {wanted.part_number} holds {part.size_bytes} bytes; every part "
+                    f"but the last must hold at least {self.min_part_bytes}"
+                )
+            parts.append(part)
+        total = sum(part.size_bytes for part in parts)
+        if total != request.size_bytes:
+            raise _invalid_part(
+                f"the parts hold {total} bytes, not the {request.size_bytes} of size_bytes"
+            )
+        return parts
+
+    def _recover_completion(
+        self, request: MultipartCompleteRequest, digest: str, public_url: str
+    ) -> dict[str, Any]:
+        key, upload_id = request.object_key, request.upload_id
+        bare = [_bare_etag(part.etag) for part in request.parts]
+        stored = self.store.head(key)
+        if (
+            stored is None
+            or stored.size_bytes != request.size_bytes
+            or not all(_MD5_HEX.fullmatch(etag) for etag in bare)
+            or _bare_etag(stored.etag) != _bare_etag(multipart_etag(bare))
+        ):
+            raise _no_such_upload(key, upload_id)
+        logger.info("multipart upload %s of %s was assembled before; recording it", upload_id, key)
+        self.db.complete_upload(
+            upload_id,
+            etag=stored.etag,
+            digest=digest,
+            size_bytes=stored.size_bytes,
+            content_type=request.content_type,
+            public_url=public_url,
+        )
+        return {"public_url": public_url, "etag": stored.etag}
+
+    def _multipart_abort(self, request: MultipartAbortRequest) -> dict[str, Any]:
+        key, upload_id = request.object_key, request.upload_id
+        with self._upload_lock(upload_id):
+            row = self.db.get_upload(upload_id)
+            if row is not None and (row.object_key != key or row.completed):
+                return {"status": "ok"}  # another key's upload, or done: nothing to abort
+            # Without a row the store may still hold the upload (a lost registry): drop it.
+            self.store.abort_multipart(key, upload_id)
+            if row is not None:
+                self.db.delete_upload(upload_id)
+        return {"status": "ok"}
+
     # -- local store endpoints ---------------------------------------------------------
 
     def _upload(
@@ -269,21 +556,10 @@ class ReferenceBackend:
         raw_key: str,
     ) -> list[bytes]:
         body: BinaryIO = environ["wsgi.input"]
-        if "chunked" in str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower():
-            # S3 does not take chunked presigned PUTs; the gateway closes the connection.
-            return _s3_error(
-                start_response,
-                501,
-                "NotImplemented",
-                "A header you provided implies functionality that is not implemented",
-                "Transfer-Encoding",
-            )
-        length_text = environ.get("CONTENT_LENGTH") or ""
-        if not length_text.isdigit():
-            return _s3_error(
-                start_response, 411, "MissingContentLength", "You must provide Content-Length"
-            )
-        length = int(length_text)
+        refused = _framing_refusal(environ, start_response)
+        if refused is not None:
+            return refused
+        length = int(environ["CONTENT_LENGTH"])
         try:
             key = validate_key(_wsgi_path_to_text(raw_key))
             query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -308,6 +584,46 @@ class ReferenceBackend:
             return _s3_error(start_response, 400, "IncompleteBody", str(exc))
         except UploadRejected as rejected:
             return _s3_error(start_response, rejected.status, rejected.code, rejected.message)
+        return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
+
+    def _upload_part(
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        store: LocalObjectStore,
+        raw_path: str,
+    ) -> list[bytes]:
+        body: BinaryIO = environ["wsgi.input"]
+        refused = _framing_refusal(environ, start_response)
+        if refused is not None:
+            return refused
+        length = int(environ["CONTENT_LENGTH"])
+        upload_id, _, number_text = raw_path.partition("/")
+        # Anything but plain digits is part number 0, which the store refuses with 400.
+        valid = number_text.isascii() and number_text.isdigit() and len(number_text) <= 5
+        part_number = int(number_text) if valid else 0
+        try:
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            grant = store.authorize_part(
+                upload_id,
+                part_number,
+                content_length=length,
+                expires=query.get("expires", [None])[0],
+                signature=query.get("signature", [None])[0],
+            )
+        except UploadRejected as rejected:
+            _drain(body, length, self.max_content_length)
+            return _s3_error(start_response, rejected.status, rejected.code, rejected.message)
+        except NoSuchUpload:
+            _drain(body, length, self.max_content_length)
+            return _s3_no_such_upload(start_response)
+        try:
+            info = store.receive_part(grant, body)
+        except IncompleteBody as exc:
+            logger.info("part %d of upload %s abandoned: %s", grant.part_number, upload_id, exc)
+            return _s3_error(start_response, 400, "IncompleteBody", str(exc))
+        except NoSuchUpload:
+            return _s3_no_such_upload(start_response)
         return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
 
     def _download(
@@ -338,6 +654,74 @@ class ReferenceBackend:
             handle.close()
             return []
         return _file_blocks(handle)
+
+
+def _no_such_upload(object_key: str, upload_id: str) -> _HttpError:
+    return _HttpError(
+        404,
+        "no_such_upload",
+        f"no multipart upload {upload_id!r} for '{object_key}' (never started, or aborted)",
+    )
+
+
+def _invalid_part(message: str) -> _HttpError:
+    return _HttpError(400, "invalid_part", message)
+
+
+def _part_count(row: UploadRow) -> int:
+    return max(1, -(-row.content_length // row.part_size))
+
+
+def _part_length(row: UploadRow, number: int) -> int:
+    """The exact length of part ``number`` (the last is shorter; 0 bytes is one part)."""
+    return max(0, min(row.part_size, row.content_length - (number - 1) * row.part_size))
+
+
+def _check_part_order(parts: Sequence[CompletedPart]) -> None:
+    for before, after in itertools.pairwise(parts):
+        if after.part_number <= before.part_number:
+            raise _invalid_part(
+                "parts must be listed in ascending order of part_number, each once: "
+                f"{after.part_number} follows {before.part_number}"
+            )
+
+
+def _completion_digest(request: MultipartCompleteRequest) -> str:
+    """What identifies a completion: the size and each part's number and bare ETag."""
+    text = ";".join(
+        [str(request.size_bytes)]
+        + [f"{part.part_number}={_bare_etag(part.etag)}" for part in request.parts]
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _framing_refusal(environ: Environ, start_response: StartResponse) -> list[bytes] | None:
+    """S3's answer to a PUT it will not read (chunked, or no length), else None."""
+    if "chunked" in str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower():
+        # S3 does not take chunked presigned PUTs; the gateway closes the connection.
+        return _s3_error(
+            start_response,
+            501,
+            "NotImplemented",
+            "A header you provided implies functionality that is not implemented",
+            "Transfer-Encoding",
+        )
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    if not (length_text.isascii() and length_text.isdigit()):
+        return _s3_error(
+            start_response, 411, "MissingContentLength", "You must provide Content-Length"
+        )
+    return None
+
+
+def _s3_no_such_upload(start_response: StartResponse) -> list[bytes]:
+    return _s3_error(
+        start_response,
+        404,
+        "NoSuchUpload",
+        "The specified upload does not exist. The upload ID may be invalid, or the upload "
+        "may have been aborted or completed.",
+    )
 
 
 def _file_blocks(handle: BinaryIO) -> Iterator[bytes]:

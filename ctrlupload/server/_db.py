@@ -1,4 +1,12 @@
-"""Asset records of completed uploads (seed §11.2), in SQLite with WAL."""
+"""Asset records of completed uploads (seed §11.2), and the multipart registry, in SQLite.
+
+The registry (table ``multipart_uploads``) is what the backend knows of each multipart
+upload it started: key, content type, length and part size, so that presign, list,
+complete and abort work after a restart. A completed upload keeps its row for a while
+(:data:`COMPLETED_UPLOAD_RETENTION_S`) with the ETag it completed with and a digest of
+its part list, so that a client that lost the answer and completes again gets the same
+answer rather than an error.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,9 @@ import os
 import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS assets (
@@ -21,6 +30,28 @@ CREATE TABLE IF NOT EXISTS assets (
 )
 """
 
+_UPLOADS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    upload_id        TEXT PRIMARY KEY,
+    object_key       TEXT    NOT NULL,
+    content_type     TEXT    NOT NULL,
+    content_length   INTEGER NOT NULL,
+    part_size        INTEGER NOT NULL,
+    created_at       TEXT    NOT NULL,
+    completed_at     TEXT,
+    completed_etag   TEXT,
+    completed_digest TEXT
+)
+"""
+
+_UPLOAD_COLUMNS = (
+    "upload_id, object_key, content_type, content_length, part_size, created_at,"
+    " completed_at, completed_etag, completed_digest"
+)
+
+#: How long a completed upload's row is kept to answer a repeated complete.
+COMPLETED_UPLOAD_RETENTION_S: Final = 7 * 24 * 3600
+
 
 @dataclass(frozen=True)
 class AssetRow:
@@ -33,6 +64,38 @@ class AssetRow:
     public_url: str
     created_at: str
     updated_at: str
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    """A multipart upload the backend started.
+
+    ``completed_etag`` and ``completed_digest`` are set once it completed: the ETag it
+    answered and a digest of the part list and size it completed with.
+    """
+
+    upload_id: str
+    object_key: str
+    content_type: str
+    content_length: int
+    part_size: int
+    created_at: str
+    completed_at: str | None = None
+    completed_etag: str | None = None
+    completed_digest: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        """True once the upload completed."""
+        return self.completed_etag is not None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
 
 
 class AssetDB:
@@ -55,30 +118,36 @@ class AssetDB:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.execute(_SCHEMA)
+        self._conn.execute(_UPLOADS_SCHEMA)
 
     def upsert(
         self, object_key: str, etag: str, size_bytes: int, content_type: str, public_url: str
     ) -> AssetRow:
         """Insert or replace the row for ``object_key``; created_at survives updates."""
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
         with self._lock:
-            self._conn.execute(
-                """
-                INSERT INTO assets (object_key, etag, size_bytes, content_type, public_url,
-                                    created_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT(object_key) DO UPDATE SET
-                    etag = excluded.etag,
-                    size_bytes = excluded.size_bytes,
-                    content_type = excluded.content_type,
-                    public_url = excluded.public_url,
-                    updated_at = excluded.updated_at
-                """,
-                (object_key, etag, size_bytes, content_type, public_url, now, now),
-            )
+            self._upsert_locked(object_key, etag, size_bytes, content_type, public_url)
             row = self._get_locked(object_key)
         assert row is not None
         return row
+
+    def _upsert_locked(
+        self, object_key: str, etag: str, size_bytes: int, content_type: str, public_url: str
+    ) -> None:
+        now = _stamp(_now())
+        self._conn.execute(
+            """
+            INSERT INTO assets (object_key, etag, size_bytes, content_type, public_url,
+                                created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT(object_key) DO UPDATE SET
+                etag = excluded.etag,
+                size_bytes = excluded.size_bytes,
+                content_type = excluded.content_type,
+                public_url = excluded.public_url,
+                updated_at = excluded.updated_at
+            """,
+            (object_key, etag, size_bytes, content_type, public_url, now, now),
+        )
 
     def get(self, object_key: str) -> AssetRow | None:
         """The row for ``object_key``, or None."""
@@ -107,6 +176,102 @@ class AssetDB:
                 " updated_at FROM assets ORDER BY object_key"
             ).fetchall()
         return [AssetRow(*row) for row in rows]
+
+    # -- multipart registry ----------------------------------------------------------
+
+    def add_upload(
+        self,
+        upload_id: str,
+        object_key: str,
+        content_type: str,
+        content_length: int,
+        part_size: int,
+    ) -> UploadRow:
+        """Record a multipart upload just started."""
+        row = UploadRow(
+            upload_id, object_key, content_type, content_length, part_size, _stamp(_now())
+        )
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO multipart_uploads (upload_id, object_key, content_type,"
+                " content_length, part_size, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (upload_id, object_key, content_type, content_length, part_size, row.created_at),
+            )
+        return row
+
+    def get_upload(self, upload_id: str) -> UploadRow | None:
+        """The registry row of ``upload_id``, or None."""
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_UPLOAD_COLUMNS} FROM multipart_uploads WHERE upload_id = ?",  # noqa: S608
+                (upload_id,),
+            ).fetchone()
+        return None if found is None else UploadRow(*found)
+
+    def delete_upload(self, upload_id: str) -> bool:
+        """Forget an upload; True when there was a row."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,)
+            )
+            return cursor.rowcount > 0
+
+    def complete_upload(
+        self,
+        upload_id: str,
+        *,
+        etag: str,
+        digest: str,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+    ) -> AssetRow:
+        """Record the asset and mark the upload completed, in one transaction.
+
+        Completed rows older than :data:`COMPLETED_UPLOAD_RETENTION_S` are dropped on
+        the way, so the registry stays small.
+
+        Raises:
+            KeyError: The upload is not in the registry.
+        """
+        now = _now()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._conn.execute(
+                    "SELECT object_key FROM multipart_uploads WHERE upload_id = ?", (upload_id,)
+                ).fetchone()
+                if found is None:
+                    raise KeyError(upload_id)
+                object_key = str(found[0])
+                self._upsert_locked(object_key, etag, size_bytes, content_type, public_url)
+                self._conn.execute(
+                    "UPDATE multipart_uploads SET completed_at = ?, completed_etag = ?,"
+                    " completed_digest = ? WHERE upload_id = ?",
+                    (_stamp(now), etag, digest, upload_id),
+                )
+                cutoff = now - timedelta(seconds=COMPLETED_UPLOAD_RETENTION_S)
+                self._conn.execute(
+                    "DELETE FROM multipart_uploads WHERE completed_at IS NOT NULL"
+                    " AND completed_at < ?",
+                    (_stamp(cutoff),),
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            row = self._get_locked(object_key)
+        assert row is not None
+        return row
+
+    def uploads(self) -> list[UploadRow]:
+        """Every registry row, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_UPLOAD_COLUMNS} FROM multipart_uploads"  # noqa: S608
+                " ORDER BY created_at, upload_id"
+            ).fetchall()
+        return [UploadRow(*row) for row in rows]
 
     def close(self) -> None:
         """Close the connection."""

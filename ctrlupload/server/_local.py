@@ -4,6 +4,28 @@ Upload URLs point at the reference backend's own ``PUT /upload/{key}`` and are s
 with HMAC-SHA256 over everything S3's SigV4 presigning binds for a PUT: method, key,
 content type, content length and expiry. A URL for one key, type or length is useless
 for another, and an expired one is refused, the way S3 refuses it.
+
+Multipart uploads follow S3 too. A part goes to ``PUT /upload-part/{upload_id}/{n}``,
+signed over the method, key, upload id, part number, exact length and expiry (not the
+content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
+
+    objects/<key>                      the stored objects
+    meta/<key>                         their ETags, tied to size and mtime
+    staging/<random>.part              bodies being received (swept at start)
+    staging/multipart/<upload_id>/     one multipart upload (kept across restarts)
+        object_key                     the key it is for
+        <n>, <n>.md5                   part n, and its MD5 tied to size and mtime
+
+A part is streamed to ``staging/`` and renamed into its upload's folder, so a listed
+part is always whole. Parts are not fsynced by default (``sync_parts``): they are
+intermediate data, and syncing them as well as the assembled object doubles the disk
+writes (measured: complete of 1 GiB takes 1.2 s instead of 1.8 to 2.4 s on a 2-CPU VM,
+because the parts' writeback no longer competes with the object's). A killed server
+process loses nothing either way; after a power loss, ``list_parts`` reports each part
+as it really is (its MD5 is recomputed when size or mtime changed), and clients resume
+by comparing MD5s. ``complete`` copies the parts in order into one temporary file
+(kernel-side with ``copy_file_range`` where it can), fsyncs it and renames it into
+``objects/``. A lock per upload (striped) orders part renames, completion and abort.
 """
 
 from __future__ import annotations
@@ -13,19 +35,39 @@ import errno
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import quote, urlencode
 
-from ._store import ObjectInfo, PresignedPut
+from .._parts import MAX_PARTS, multipart_etag
+from ._locks import StripedLocks
+from ._store import (
+    InvalidPart,
+    NoSuchUpload,
+    ObjectInfo,
+    PartsPage,
+    PresignedPut,
+    StoredPart,
+    page_parts,
+)
 
 #: Bytes read from the request and written to disk at a time.
 RECEIVE_BLOCK_BYTES: Final = 1024 * 1024
+#: Bytes one ``copy_file_range`` call moves while assembling parts.
+COPY_BLOCK_BYTES: Final = 64 * 1024 * 1024
+_UPLOAD_ID: Final = re.compile(r"[0-9a-f]{32}")
+_KEY_FILE: Final = "object_key"
+# copy_file_range cannot serve these file pairs; plain reads and writes can.
+_NO_KERNEL_COPY: Final = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +76,17 @@ class UploadGrant:
 
     key: str
     content_type: str
+    content_length: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class PartGrant:
+    """What a signed part URL allows, recovered from the request."""
+
+    key: str
+    upload_id: str
+    part_number: int
     content_length: int
     expires_at: int
 
@@ -57,21 +110,55 @@ class IncompleteBody(Exception):
     """The client sent fewer bytes than it announced (it went away mid-upload)."""
 
 
-def string_to_sign(grant: UploadGrant) -> bytes:
-    """The canonical text a signature covers: method, key, type, length and expiry."""
-    return "\n".join(
-        ["PUT", grant.key, grant.content_type, str(grant.content_length), str(grant.expires_at)]
-    ).encode("utf-8")
+def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
+    """The canonical text a signature covers: method, key, type, length and expiry.
+
+    A part's text also names the upload and part number instead of the content type,
+    behind an ``UploadPart`` label so that no object URL's signature fits a part's.
+    """
+    if isinstance(grant, PartGrant):
+        fields = [
+            "PUT",
+            "UploadPart",
+            grant.key,
+            grant.upload_id,
+            str(grant.part_number),
+            str(grant.content_length),
+            str(grant.expires_at),
+        ]
+    else:
+        fields = [
+            "PUT",
+            grant.key,
+            grant.content_type,
+            str(grant.content_length),
+            str(grant.expires_at),
+        ]
+    return "\n".join(fields).encode("utf-8")
+
+
+_BAD_SIGNATURE: Final = (
+    "The request signature we calculated does not match the signature you provided "
+    "(key, Content-Type and Content-Length are signed)"
+)
+_BAD_PART_SIGNATURE: Final = (
+    "The request signature we calculated does not match the signature you provided "
+    "(key, upload id, part number and Content-Length are signed)"
+)
 
 
 class LocalObjectStore:
     """Objects as files under ``data_dir/objects``; thread-safe.
+
+    Multipart uploads live in ``staging/multipart/`` and survive a restart: a client can
+    resume one against a new server on the same ``data_dir`` and ``signing_secret``.
 
     Args:
         data_dir: Root directory; ``objects/`` and ``staging/`` are made under it.
         base_url: The server's external URL, for upload and public URLs.
         signing_secret: HMAC key for upload URLs; random (per process) by default.
         clock: Seconds since the epoch; tests move it.
+        sync_parts: fsync every multipart part as it arrives, not only assembled objects.
     """
 
     def __init__(
@@ -81,22 +168,28 @@ class LocalObjectStore:
         *,
         signing_secret: bytes | None = None,
         clock: Callable[[], float] = time.time,
+        sync_parts: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.objects_dir = self.data_dir / "objects"
         self.staging_dir = self.data_dir / "staging"
         self.meta_dir = self.data_dir / "meta"
+        # Made on the first multipart upload, so a store that never sees one keeps
+        # staging/ empty between uploads.
+        self.multipart_dir = self.staging_dir / "multipart"
         for folder in (self.objects_dir, self.staging_dir, self.meta_dir):
             folder.mkdir(parents=True, exist_ok=True)
         # Leftovers of a server that was killed mid-upload: nobody can finish them.
-        # (One server per data directory.)
+        # (One server per data directory.) Multipart uploads are kept: clients resume them.
         for stale in self.staging_dir.glob("*.part"):
             with contextlib.suppress(OSError):
                 stale.unlink()
         self.base_url = base_url.rstrip("/")
         self._secret = signing_secret or secrets.token_bytes(32)
         self._clock = clock
+        self._sync_parts = sync_parts
         self._lock = threading.Lock()
+        self._upload_lock = StripedLocks()
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(data_dir={str(self.data_dir)!r}, base_url={self.base_url!r})"
@@ -107,7 +200,7 @@ class LocalObjectStore:
     def _meta_path(self, key: str) -> Path:
         return self.meta_dir.joinpath(*key.split("/"))
 
-    def _sign(self, grant: UploadGrant) -> str:
+    def _sign(self, grant: UploadGrant | PartGrant) -> str:
         return hmac.new(self._secret, string_to_sign(grant), hashlib.sha256).hexdigest()
 
     def presign_put(
@@ -141,21 +234,10 @@ class LocalObjectStore:
             UploadRejected: 403 ``AccessDenied`` when unsigned or expired, 403
                 ``SignatureDoesNotMatch`` when anything signed differs.
         """
-        if not expires or not signature:
-            raise UploadRejected(403, "AccessDenied", "Query-string authentication required")
-        try:
-            expires_at = int(expires)
-        except ValueError:
-            raise UploadRejected(403, "AccessDenied", "Invalid expiry") from None
-        grant = UploadGrant(key, content_type, content_length, expires_at)
-        if not hmac.compare_digest(self._sign(grant), signature):
-            raise UploadRejected(
-                403,
-                "SignatureDoesNotMatch",
-                "The request signature we calculated does not match the signature you "
-                "provided (key, Content-Type and Content-Length are signed)",
-            )
-        if self._clock() > expires_at:
+        grant = UploadGrant(key, content_type, content_length, _expiry(expires, signature))
+        if not hmac.compare_digest(self._sign(grant), str(signature)):
+            raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_SIGNATURE)
+        if self._clock() > grant.expires_at:
             raise UploadRejected(403, "AccessDenied", "Request has expired")
         return grant
 
@@ -166,41 +248,252 @@ class LocalObjectStore:
             IncompleteBody: The body ended early; nothing is stored.
         """
         target = self._path(grant.key)
+        temp_path, md5_hex = self._receive_to_temp(body, grant.content_length, sync=True)
+        try:
+            _publish(temp_path, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp_path.unlink()
+            raise
+        info = ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5_hex}"')
+        self._write_meta(grant.key, target, info)
+        return info
+
+    def _receive_to_temp(self, body: BinaryIO, length: int, *, sync: bool) -> tuple[Path, str]:
+        """Stream exactly ``length`` bytes into a staging file; its path and MD5."""
         md5 = hashlib.md5(usedforsecurity=False)
         fd, temp_name = _mkstemp(self.staging_dir)
         temp_path = Path(temp_name)
         try:
             with open(fd, "wb", buffering=0) as handle:
-                remaining = grant.content_length
+                remaining = length
                 while remaining:
                     block = body.read(min(remaining, RECEIVE_BLOCK_BYTES))
                     if not block:
-                        raise IncompleteBody(
-                            f"body ended {remaining} bytes short of {grant.content_length}"
-                        )
+                        raise IncompleteBody(f"body ended {remaining} bytes short of {length}")
                     md5.update(block)
                     handle.write(block)
                     remaining -= len(block)
-                os.fsync(handle.fileno())
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp_path, target)
-            except OSError as exc:
-                if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-                    raise UploadRejected(
-                        400,
-                        "InvalidArgument",
-                        "the local store cannot hold this key (a segment is too long, or "
-                        "it collides with an object or folder of the same name)",
-                    ) from exc
-                raise
+                if sync:
+                    os.fsync(handle.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             raise
-        info = ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5.hexdigest()}"')
-        self._write_meta(grant.key, target, info)
+        return temp_path, md5.hexdigest()
+
+    # -- multipart uploads -----------------------------------------------------------
+
+    def _upload_dir(self, upload_id: str) -> Path:
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise NoSuchUpload(f"no multipart upload {upload_id!r}")
+        return self.multipart_dir / upload_id
+
+    def _open_upload(self, upload_id: str, key: str | None) -> tuple[Path, str]:
+        """The upload's folder and key; the caller holds the upload's lock.
+
+        Raises:
+            NoSuchUpload: No such upload, or it is for another key than ``key``.
+        """
+        folder = self._upload_dir(upload_id)
+        try:
+            stored_key = (folder / _KEY_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise NoSuchUpload(f"no multipart upload {upload_id!r}") from None
+        if key is not None and stored_key != key:
+            raise NoSuchUpload(f"multipart upload {upload_id!r} is not for '{key}'")
+        return folder, stored_key
+
+    def create_multipart(self, key: str, content_type: str) -> str:
+        """Start a multipart upload of ``key``; its id is 32 random hex digits."""
+        del content_type  # recorded by the backend; objects here keep no content type
+        upload_id = secrets.token_hex(16)
+        folder = self.multipart_dir / upload_id
+        folder.mkdir(parents=True)
+        fd, temp_name = _mkstemp(self.staging_dir)
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(key)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, folder / _KEY_FILE)
+        return upload_id
+
+    def presign_part(
+        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+    ) -> PresignedPut:
+        """Sign a URL for one PUT of this part of this upload, with exactly this length."""
+        grant = PartGrant(
+            key, upload_id, part_number, content_length, int(self._clock()) + expires_sec
+        )
+        query = urlencode({"expires": grant.expires_at, "signature": self._sign(grant)})
+        return PresignedPut(
+            upload_url=f"{self.base_url}/upload-part/{upload_id}/{part_number}?{query}",
+            headers={},
+            expires_sec=expires_sec,
+        )
+
+    def authorize_part(
+        self,
+        upload_id: str,
+        part_number: int,
+        *,
+        content_length: int,
+        expires: str | None,
+        signature: str | None,
+    ) -> PartGrant:
+        """Check a part upload against its signature, like S3 does.
+
+        Raises:
+            UploadRejected: 403 as for :meth:`authorize`, or 400 ``InvalidArgument`` for
+                a part number outside 1 to 10,000.
+            NoSuchUpload: The upload does not exist (never started, aborted, completed).
+        """
+        if not 1 <= part_number <= MAX_PARTS:
+            raise UploadRejected(
+                400, "InvalidArgument", f"Part number must be an integer between 1 and {MAX_PARTS}"
+            )
+        expires_at = _expiry(expires, signature)
+        with self._upload_lock(upload_id):
+            _, key = self._open_upload(upload_id, None)
+        grant = PartGrant(key, upload_id, part_number, content_length, expires_at)
+        if not hmac.compare_digest(self._sign(grant), str(signature)):
+            raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_PART_SIGNATURE)
+        if self._clock() > expires_at:
+            raise UploadRejected(403, "AccessDenied", "Request has expired")
+        return grant
+
+    def receive_part(self, grant: PartGrant, body: BinaryIO) -> ObjectInfo:
+        """Stream one part to disk, then put it in its upload (replacing any earlier one).
+
+        Returns:
+            The part's size and ETag (its MD5, quoted).
+
+        Raises:
+            IncompleteBody: The body ended early; nothing is stored.
+            NoSuchUpload: The upload was aborted or completed meanwhile.
+        """
+        temp_path, md5_hex = self._receive_to_temp(
+            body, grant.content_length, sync=self._sync_parts
+        )
+        try:
+            with self._upload_lock(grant.upload_id):
+                folder, _ = self._open_upload(grant.upload_id, grant.key)
+                target = folder / str(grant.part_number)
+                os.replace(temp_path, target)
+                self._write_part_md5(target, md5_hex)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp_path.unlink()
+            raise
+        return ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5_hex}"')
+
+    def _write_part_md5(self, part: Path, md5_hex: str) -> None:
+        stat = part.stat()
+        fd, temp_name = _mkstemp(self.staging_dir)
+        with open(fd, "w", encoding="ascii") as handle:
+            handle.write(f"{md5_hex} {stat.st_size} {stat.st_mtime_ns}")
+        os.replace(temp_name, part.with_name(f"{part.name}.md5"))
+
+    def _part_info(self, folder: Path, part_number: int) -> StoredPart | None:
+        """Part ``part_number`` as held, or None; the caller holds the upload's lock."""
+        part = folder / str(part_number)
+        try:
+            stat = part.stat()
+        except FileNotFoundError:
+            return None
+        try:
+            md5_hex, size, mtime_ns = (
+                part.with_name(f"{part.name}.md5").read_text(encoding="ascii").split()
+            )
+            if int(size) == stat.st_size and int(mtime_ns) == stat.st_mtime_ns:
+                return StoredPart(part_number, f'"{md5_hex}"', stat.st_size)
+        except (OSError, ValueError):
+            pass
+        # No record, or the part changed after it (a crash between rename and record).
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(part, "rb") as handle:
+            while block := handle.read(RECEIVE_BLOCK_BYTES):
+                md5.update(block)
+        self._write_part_md5(part, md5.hexdigest())
+        return StoredPart(part_number, f'"{md5.hexdigest()}"', stat.st_size)
+
+    def list_parts(
+        self, key: str, upload_id: str, *, part_number_marker: int = 0, max_parts: int = 1000
+    ) -> PartsPage:
+        """The parts this upload holds above ``part_number_marker``, ascending.
+
+        Raises:
+            NoSuchUpload: No such upload for this key.
+        """
+        with self._upload_lock(upload_id):
+            folder, _ = self._open_upload(upload_id, key)
+            numbers = sorted(
+                int(name)
+                for name in os.listdir(folder)
+                if name.isdigit() and str(int(name)) == name
+            )
+            wanted = [number for number in numbers if number > part_number_marker]
+            # Read the records of this page only (and learn whether another follows).
+            held = (self._part_info(folder, number) for number in wanted[: max_parts + 1])
+            return page_parts([part for part in held if part is not None], 0, max_parts)
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+    ) -> ObjectInfo:
+        """Copy ``parts`` in order into the object, publish it atomically, drop the upload.
+
+        Each part must still be held with the ETag and size given; the check and the
+        copy run under the upload's lock, so a part re-sent meanwhile cannot slip in.
+
+        Raises:
+            NoSuchUpload: No such upload for this key.
+            InvalidPart: A part is missing or differs from the one given.
+            UploadRejected: 400 ``InvalidArgument`` when the file system cannot hold the
+                key.
+        """
+        with self._upload_lock(upload_id):
+            folder, _ = self._open_upload(upload_id, key)
+            for wanted in parts:
+                held = self._part_info(folder, wanted.part_number)
+                if held is None:
+                    raise InvalidPart(f"part {wanted.part_number} was not uploaded")
+                if (_bare(held.etag), held.size_bytes) != (_bare(wanted.etag), wanted.size_bytes):
+                    raise InvalidPart(f"part {wanted.part_number} changed since it was listed")
+            target = self._path(key)
+            fd, temp_name = _mkstemp(self.staging_dir)
+            temp_path = Path(temp_name)
+            try:
+                with open(fd, "wb", buffering=0) as out:
+                    for wanted in parts:
+                        source_fd = os.open(folder / str(wanted.part_number), os.O_RDONLY)
+                        try:
+                            copied = _copy_range(source_fd, out.fileno(), wanted.size_bytes)
+                        finally:
+                            os.close(source_fd)
+                        if copied != wanted.size_bytes:
+                            raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
+                    os.fsync(out.fileno())
+                _publish(temp_path, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    temp_path.unlink()
+                raise
+            info = ObjectInfo(
+                size_bytes=sum(part.size_bytes for part in parts),
+                etag=multipart_etag([_bare(part.etag) for part in parts]),
+            )
+            self._write_meta(key, target, info)
+            shutil.rmtree(folder, ignore_errors=True)
         return info
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Remove the upload and its parts; an unknown upload (or another key's) is fine."""
+        with self._upload_lock(upload_id):
+            try:
+                folder, _ = self._open_upload(upload_id, key)
+            except NoSuchUpload:
+                return
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _write_meta(self, key: str, target: Path, info: ObjectInfo) -> None:
         """Remember the ETag beside the object, tied to the file's size and mtime."""
@@ -256,6 +549,67 @@ class LocalObjectStore:
             except OSError as exc:
                 if not _means_absent(exc):
                     raise
+
+
+def _expiry(expires: str | None, signature: str | None) -> int:
+    """The URL's expiry in Unix seconds; 403 when it or the signature is missing."""
+    if not expires or not signature:
+        raise UploadRejected(403, "AccessDenied", "Query-string authentication required")
+    try:
+        return int(expires)
+    except ValueError:
+        raise UploadRejected(403, "AccessDenied", "Invalid expiry") from None
+
+
+def _publish(temp_path: Path, target: Path) -> None:
+    """Rename a finished staging file over ``target``; 400 when the key cannot be a path."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+            raise UploadRejected(
+                400,
+                "InvalidArgument",
+                "the local store cannot hold this key (a segment is too long, or "
+                "it collides with an object or folder of the same name)",
+            ) from exc
+        raise
+
+
+def _copy_range(source_fd: int, target_fd: int, length: int) -> int:
+    """Append up to ``length`` bytes of ``source_fd`` to ``target_fd``; bytes copied.
+
+    The kernel copies when it can (``copy_file_range``: no trip through user space, a
+    reflink on some file systems), else blocks of 1 MiB go through memory. Never more
+    than one block is held.
+    """
+    kernel_copy = getattr(os, "copy_file_range", None)
+    copied = 0
+    while copied < length:
+        want = min(length - copied, COPY_BLOCK_BYTES)
+        if kernel_copy is not None:
+            try:
+                moved = int(kernel_copy(source_fd, target_fd, want))
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel_copy = None
+                continue
+        else:
+            block = os.read(source_fd, min(want, RECEIVE_BLOCK_BYTES))
+            moved = len(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(target_fd, view) :]
+        if moved == 0:
+            break
+        copied += moved
+    return copied
+
+
+def _bare(etag: str) -> str:
+    return etag.strip().strip('"').lower()
 
 
 def _means_absent(exc: OSError) -> bool:

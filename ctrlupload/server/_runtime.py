@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ._app import DEFAULT_EXPIRES_SEC, DEFAULT_MAX_CONTENT_LENGTH, ApiPaths, ReferenceBackend
+from ._app import (
+    DEFAULT_EXPIRES_SEC,
+    DEFAULT_MAX_CONTENT_LENGTH,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MIN_PART_BYTES,
+    ApiPaths,
+    ReferenceBackend,
+)
 from ._db import AssetDB
 from ._local import LocalObjectStore
 from ._store import ObjectStore
@@ -34,6 +41,8 @@ class ServerConfig:
         s3_region: Region of the bucket.
         s3_public_base_url: CDN base for public URLs of the s3 store.
         paths: Where the internal endpoints live.
+        max_object_bytes: Largest multipart upload initiate accepts (S3's 5 TiB).
+        min_part_bytes: Smallest part size (all parts but the last); S3 needs 5 MiB.
     """
 
     host: str = "127.0.0.1"
@@ -51,6 +60,8 @@ class ServerConfig:
     s3_region: str | None = None
     s3_public_base_url: str | None = None
     paths: ApiPaths = field(default_factory=ApiPaths)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    min_part_bytes: int = DEFAULT_MIN_PART_BYTES
 
 
 class ReferenceServer:
@@ -87,6 +98,8 @@ class ReferenceServer:
                 max_content_length=config.max_content_length,
                 expires_sec=config.expires_sec,
                 paths=config.paths,
+                max_object_bytes=config.max_object_bytes,
+                min_part_bytes=config.min_part_bytes,
             )
         except BaseException:
             self._server.stop()

@@ -19,6 +19,21 @@ Thread safety: a boto3 client is thread-safe and the store never changes after
 construction, so one store serves every request thread. Its connection pool holds
 :data:`DEFAULT_MAX_POOL_CONNECTIONS` connections.
 
+Multipart uploads use S3's own calls: CreateMultipartUpload (with the ContentType),
+presigned UploadPart URLs bound to each part's exact ``Content-Length``, ListParts,
+CompleteMultipartUpload and AbortMultipartUpload.
+
+CompleteMultipartUpload can answer ``200 OK`` with an ``<Error>`` document in the body
+(S3 sends the status before it has finished assembling). botocore handles that for
+every S3 operation whose output is not a streaming blob: its ``_handle_200_error``
+handler (``before-parse.s3.*`` in ``botocore/handlers.py``) turns such a 200, or a 200
+whose body is not even well-formed XML, into a 500 before parsing, so the call raises
+``ClientError`` like any other error (retried only as our retry config allows, i.e.
+not). We do not rely on it alone: a completion counts only when the answer carries an
+ETag and a HEAD of the object afterwards shows the expected size. Anything else is an
+:class:`ObjectStoreError`, which the reference backend answers with 503; the upload is
+still pending in S3 then, so the client's retry of ``complete`` can succeed.
+
 Retries: none here (:data:`DEFAULT_MAX_ATTEMPTS` is 1). The reference backend answers
 an :class:`ObjectStoreError` with 503, which the client's urllib3 ``Retry`` already
 retries with backoff; retrying in botocore as well would multiply the attempts of one
@@ -27,13 +42,23 @@ fault (one retry owner per failure).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 from .._errors import StorageConfigError, StorageError
+from .._parts import MAX_PART_BYTES, MAX_PARTS
 from .._redact import redact_text, redact_url
-from ._store import ObjectInfo, PresignedPut
+from ._store import (
+    MAX_LIST_PARTS,
+    InvalidPart,
+    NoSuchUpload,
+    ObjectInfo,
+    PartsPage,
+    PresignedPut,
+    StoredPart,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
@@ -58,6 +83,8 @@ MAX_PRESIGN_EXPIRES_S: Final = 7 * 24 * 3600
 MAX_PUT_BYTES: Final = 5 * 1024**3
 
 _INSTALL_HINT: Final = "pip install 'ctrlupload[s3]'"
+#: S3's answers to a completion whose part list is wrong (the client's fault, not S3's).
+_INVALID_PART_CODES: Final = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall"})
 
 
 class ObjectStoreError(StorageError):
@@ -110,6 +137,18 @@ class _S3Client(Protocol):
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
 
     def head_bucket(self, *, Bucket: str) -> dict[str, Any]: ...
+
+    def create_multipart_upload(
+        self, *, Bucket: str, Key: str, ContentType: str
+    ) -> dict[str, Any]: ...
+
+    def list_parts(self, **kwargs: Any) -> dict[str, Any]: ...
+
+    def complete_multipart_upload(
+        self, *, Bucket: str, Key: str, UploadId: str, MultipartUpload: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def abort_multipart_upload(self, *, Bucket: str, Key: str, UploadId: str) -> dict[str, Any]: ...
 
 
 class S3ObjectStore:
@@ -286,6 +325,203 @@ class S3ObjectStore:
             self._client.delete_object(Bucket=self._bucket, Key=key)
         except self._boto_errors as exc:
             raise self._error("DeleteObject", key, exc) from exc
+
+    # -- multipart uploads -----------------------------------------------------------
+
+    def create_multipart(self, key: str, content_type: str) -> str:
+        """Start a multipart upload (CreateMultipartUpload) with this content type.
+
+        Args:
+            key: The object key.
+            content_type: The ``Content-Type`` the finished object will have.
+
+        Returns:
+            S3's upload id.
+
+        Raises:
+            ObjectStoreError: S3 refused or could not be reached.
+        """
+        try:
+            response = self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=key, ContentType=content_type
+            )
+        except self._boto_errors as exc:
+            raise self._error("CreateMultipartUpload", key, exc) from exc
+        upload_id = response.get("UploadId")
+        if not isinstance(upload_id, str) or not upload_id:
+            raise ObjectStoreError(
+                f"S3 CreateMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
+                "without an upload id.",
+                operation="CreateMultipartUpload",
+                bucket=self._bucket,
+                key=key,
+            )
+        return upload_id
+
+    def presign_part(
+        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+    ) -> PresignedPut:
+        """Presign one UploadPart bound to its exact length (no network call).
+
+        Args:
+            key: The object key.
+            upload_id: The upload the part belongs to.
+            part_number: 1 to 10,000.
+            content_length: The exact body length in bytes the PUT must carry.
+            expires_sec: How long the URL stays valid, 1 to 604800 seconds.
+
+        Returns:
+            The URL and the one signed header the PUT must send, ``Content-Length``.
+
+        Raises:
+            ValueError: An argument is out of S3's range.
+            ObjectStoreError: boto3 could not sign, e.g. it found no credentials.
+        """
+        if not 1 <= expires_sec <= MAX_PRESIGN_EXPIRES_S:
+            raise ValueError(
+                f"expires_sec must be between 1 and {MAX_PRESIGN_EXPIRES_S}, got {expires_sec}"
+            )
+        if not 1 <= part_number <= MAX_PARTS:
+            raise ValueError(f"part_number must be between 1 and {MAX_PARTS}, got {part_number}")
+        if not 0 <= content_length <= MAX_PART_BYTES:
+            raise ValueError(
+                f"content_length must be between 0 and {MAX_PART_BYTES} bytes (S3's limit "
+                f"for one part), got {content_length}"
+            )
+        params = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "PartNumber": part_number,
+            "ContentLength": content_length,
+        }
+        try:
+            url = self._client.generate_presigned_url(
+                "upload_part", Params=params, ExpiresIn=expires_sec, HttpMethod="PUT"
+            )
+        except self._boto_errors as exc:
+            raise self._error("PresignUploadPart", key, exc) from exc
+        headers = {"Content-Length": str(content_length)}
+        return PresignedPut(upload_url=url, headers=headers, expires_sec=expires_sec)
+
+    def list_parts(
+        self,
+        key: str,
+        upload_id: str,
+        *,
+        part_number_marker: int = 0,
+        max_parts: int = MAX_LIST_PARTS,
+    ) -> PartsPage:
+        """One page of ListParts: the parts S3 holds above ``part_number_marker``.
+
+        Args:
+            key: The object key.
+            upload_id: The upload.
+            part_number_marker: List only parts with a larger number.
+            max_parts: The most parts in the page, 1 to 1,000.
+
+        Returns:
+            The parts in ascending order, and the marker of the next page if truncated.
+
+        Raises:
+            NoSuchUpload: S3 has no such upload for this key (aborted or completed).
+            ObjectStoreError: Another S3 error, or S3 could not be reached.
+        """
+        params: dict[str, Any] = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "MaxParts": max_parts,
+        }
+        if part_number_marker:
+            params["PartNumberMarker"] = part_number_marker
+        try:
+            response = self._client.list_parts(**params)
+        except self._boto_errors as exc:
+            if _error_code_of(exc) == "NoSuchUpload":
+                raise NoSuchUpload(f"S3 has no multipart upload {upload_id!r} for '{key}'") from exc
+            raise self._error("ListParts", key, exc) from exc
+        parts = tuple(
+            StoredPart(int(part["PartNumber"]), str(part["ETag"]), int(part["Size"]))
+            for part in response.get("Parts") or []
+        )
+        truncated = bool(response.get("IsTruncated"))
+        marker = response.get("NextPartNumberMarker")
+        if truncated and not marker:
+            marker = parts[-1].part_number if parts else None
+        return PartsPage(parts, truncated, int(marker) if truncated and marker else None)
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+    ) -> ObjectInfo:
+        """Complete the upload (CompleteMultipartUpload), then check what S3 stored.
+
+        A 200 answer with an error inside raises, thanks to botocore (see the module
+        docstring); an answer without an ETag, or an object whose HEAD shows another
+        size than the parts add up to, raises as well.
+
+        Args:
+            key: The object key.
+            upload_id: The upload.
+            parts: The parts in ascending order, with their ETags and sizes.
+
+        Returns:
+            The object's size and S3's ETag for it (``"<md5 of part md5s>-N"``).
+
+        Raises:
+            NoSuchUpload: S3 has no such upload for this key.
+            InvalidPart: S3 found a part missing, out of order, different or too small.
+            ObjectStoreError: Any other failure, including a 200 with an error inside.
+        """
+        listing = {"Parts": [{"PartNumber": part.part_number, "ETag": part.etag} for part in parts]}
+        try:
+            response = self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload=listing
+            )
+        except self._boto_errors as exc:
+            code = _error_code_of(exc)
+            if code == "NoSuchUpload":
+                raise NoSuchUpload(f"S3 has no multipart upload {upload_id!r} for '{key}'") from exc
+            if code in _INVALID_PART_CODES:
+                reason = _reason(exc, _status_of(exc), code)
+                raise InvalidPart(f"S3 refused the part list: {reason}") from exc
+            raise self._error("CompleteMultipartUpload", key, exc) from exc
+        etag = response.get("ETag")
+        if not isinstance(etag, str) or not etag:
+            raise ObjectStoreError(
+                f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
+                "without an ETag; the object may not be assembled.",
+                operation="CompleteMultipartUpload",
+                bucket=self._bucket,
+                key=key,
+            )
+        expected = sum(part.size_bytes for part in parts)
+        stored = self.head(key)
+        if stored is None or stored.size_bytes != expected:
+            found = "no object" if stored is None else f"{stored.size_bytes} bytes"
+            raise ObjectStoreError(
+                f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
+                f"200, but HEAD then shows {found}, not {expected} bytes.",
+                operation="CompleteMultipartUpload",
+                bucket=self._bucket,
+                key=key,
+            )
+        return ObjectInfo(size_bytes=expected, etag=etag)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort the upload (AbortMultipartUpload); S3 drops its parts.
+
+        An unknown upload (``NoSuchUpload``: already aborted or completed) is fine.
+
+        Raises:
+            ObjectStoreError: Another S3 error, or S3 could not be reached.
+        """
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+        except self._boto_errors as exc:
+            if _error_code_of(exc) == "NoSuchUpload":
+                return
+            raise self._error("AbortMultipartUpload", key, exc) from exc
 
     def check(self) -> None:
         """Fail fast on a bad configuration: the bucket must exist and be reachable.
