@@ -277,3 +277,25 @@ def test_complete_failure_aborts_without_resume(mocked, video) -> None:  # type:
         client.put_file(video[0], KEY)
     assert "Multipart complete failed: HTTP 400 (bad)" in str(caught.value)
     assert backend.aborted
+
+
+def test_an_expired_part_url_is_presigned_again(mocked, video) -> None:  # type: ignore[no-untyped-def]
+    path, data = video
+    backend = FakeMultipartBackend(mocked)
+    expired = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+    answers = iter([(403, {}, expired)])
+
+    def first_expired(request: Any) -> tuple[int, dict[str, str], bytes]:
+        answer = next(answers, None)
+        if answer is not None:
+            if not isinstance(request.body, bytes):
+                request.body.read()
+            return answer
+        return backend.put_part(request)
+
+    mocked.remove(responses.PUT, f"{STORAGE}/{KEY}.part2")
+    mocked.add_callback(responses.PUT, f"{STORAGE}/{KEY}.part2", callback=first_expired)
+    with make_client() as client:
+        client.put_file(path, KEY)
+    assert [2] in backend.presigned_batches  # part 2 alone, signed a second time
+    assert b"".join(backend.parts[n] for n in sorted(backend.parts)) == data
