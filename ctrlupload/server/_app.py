@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, TypeVar
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
@@ -58,11 +58,20 @@ from .._parts import (
 )
 from .._settings import Settings
 from ._db import AssetDB, UploadRow
-from ._local import IncompleteBody, LocalObjectStore, UploadRejected
+from ._local import IncompleteBody, LocalObjectStore, PartGrant, UploadGrant, UploadRejected
 from ._locks import StripedLocks
-from ._store import MAX_LIST_PARTS, InvalidPart, NoSuchUpload, ObjectStore, StoredPart
+from ._store import (
+    MAX_LIST_PARTS,
+    InvalidPart,
+    NoSuchUpload,
+    ObjectInfo,
+    ObjectStore,
+    StoredPart,
+)
 
 logger = logging.getLogger("ctrlupload.server")
+
+_Grant = TypeVar("_Grant", UploadGrant, PartGrant)
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -555,36 +564,19 @@ class ReferenceBackend:
         store: LocalObjectStore,
         raw_key: str,
     ) -> list[bytes]:
-        body: BinaryIO = environ["wsgi.input"]
-        refused = _framing_refusal(environ, start_response)
-        if refused is not None:
-            return refused
-        length = int(environ["CONTENT_LENGTH"])
-        try:
+        def authorize(
+            length: int, content_type: str, expires: str | None, signature: str | None
+        ) -> UploadGrant:
             key = validate_key(_wsgi_path_to_text(raw_key))
-            query = parse_qs(environ.get("QUERY_STRING", ""))
-            grant = store.authorize(
+            return store.authorize(
                 key,
-                content_type=environ.get("CONTENT_TYPE", ""),
+                content_type=content_type,
                 content_length=length,
-                expires=query.get("expires", [None])[0],
-                signature=query.get("signature", [None])[0],
+                expires=expires,
+                signature=signature,
             )
-        except (InvalidKeyError, UnicodeDecodeError) as exc:
-            _drain(body, length, self.max_content_length)
-            return _s3_error(start_response, 400, "InvalidArgument", f"bad key: {exc}")
-        except UploadRejected as rejected:
-            # Read what the client is sending, so it sees this answer instead of a reset.
-            _drain(body, length, self.max_content_length)
-            return _s3_error(start_response, rejected.status, rejected.code, rejected.message)
-        try:
-            info = store.receive(grant, body)
-        except IncompleteBody as exc:
-            logger.info("upload of %s abandoned: %s", key, exc)
-            return _s3_error(start_response, 400, "IncompleteBody", str(exc))
-        except UploadRejected as rejected:
-            return _s3_error(start_response, rejected.status, rejected.code, rejected.message)
-        return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
+
+        return self._signed_put(environ, start_response, authorize, store.receive)
 
     def _upload_part(
         self,
@@ -593,37 +585,56 @@ class ReferenceBackend:
         store: LocalObjectStore,
         raw_path: str,
     ) -> list[bytes]:
+        upload_id, _, number_text = raw_path.partition("/")
+        # Anything but plain digits is part number 0, which the store refuses with 400.
+        valid = number_text.isascii() and number_text.isdigit() and len(number_text) <= 5
+        part_number = int(number_text) if valid else 0
+
+        def authorize(
+            length: int, content_type: str, expires: str | None, signature: str | None
+        ) -> PartGrant:
+            return store.authorize_part(
+                upload_id,
+                part_number,
+                content_length=length,
+                expires=expires,
+                signature=signature,
+            )
+
+        return self._signed_put(environ, start_response, authorize, store.receive_part)
+
+    def _signed_put(
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        authorize: Callable[[int, str, str | None, str | None], _Grant],
+        receive: Callable[[_Grant, BinaryIO], ObjectInfo],
+    ) -> list[bytes]:
+        """Check a presigned PUT like S3 does, then stream its body into the store."""
         body: BinaryIO = environ["wsgi.input"]
         refused = _framing_refusal(environ, start_response)
         if refused is not None:
             return refused
         length = int(environ["CONTENT_LENGTH"])
-        upload_id, _, number_text = raw_path.partition("/")
-        # Anything but plain digits is part number 0, which the store refuses with 400.
-        valid = number_text.isascii() and number_text.isdigit() and len(number_text) <= 5
-        part_number = int(number_text) if valid else 0
+        query = parse_qs(environ.get("QUERY_STRING", ""))
         try:
-            query = parse_qs(environ.get("QUERY_STRING", ""))
-            grant = store.authorize_part(
-                upload_id,
-                part_number,
-                content_length=length,
-                expires=query.get("expires", [None])[0],
-                signature=query.get("signature", [None])[0],
+            grant = authorize(
+                length,
+                environ.get("CONTENT_TYPE", ""),
+                query.get("expires", [None])[0],
+                query.get("signature", [None])[0],
             )
-        except UploadRejected as rejected:
+        except (InvalidKeyError, UnicodeDecodeError, UploadRejected, NoSuchUpload) as refusal:
+            # Read what the client is sending, so it sees this answer instead of a reset.
             _drain(body, length, self.max_content_length)
-            return _s3_error(start_response, rejected.status, rejected.code, rejected.message)
-        except NoSuchUpload:
-            _drain(body, length, self.max_content_length)
-            return _s3_no_such_upload(start_response)
+            return _s3_refusal(start_response, refusal)
         try:
-            info = store.receive_part(grant, body)
+            info = receive(grant, body)
         except IncompleteBody as exc:
-            logger.info("part %d of upload %s abandoned: %s", grant.part_number, upload_id, exc)
+            logger.info("upload to %s abandoned: %s", environ.get("PATH_INFO"), exc)
             return _s3_error(start_response, 400, "IncompleteBody", str(exc))
-        except NoSuchUpload:
-            return _s3_no_such_upload(start_response)
+        except (UploadRejected, NoSuchUpload) as refusal:
+            return _s3_refusal(start_response, refusal)
         return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
 
     def _download(
@@ -789,6 +800,14 @@ def _respond(
 
 def _json(start_response: StartResponse, status: int, payload: Any) -> list[bytes]:
     return _respond(start_response, status, json.dumps(payload).encode("utf-8"), "application/json")
+
+
+def _s3_refusal(start_response: StartResponse, refusal: Exception) -> list[bytes]:
+    if isinstance(refusal, UploadRejected):
+        return _s3_error(start_response, refusal.status, refusal.code, refusal.message)
+    if isinstance(refusal, NoSuchUpload):
+        return _s3_no_such_upload(start_response)
+    return _s3_error(start_response, 400, "InvalidArgument", f"bad key: {refusal}")
 
 
 def _s3_error(
