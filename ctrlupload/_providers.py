@@ -16,7 +16,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,7 @@ from ._redact import redact_text, redact_url
 from ._settings import MultipartMode, Settings, StorageProvider
 from ._streams import (
     DEFAULT_THREADED_HASH_MIN_BYTES,
+    CallbackFailed,
     FileWindow,
     Md5Hasher,
     ProgressCallback,
@@ -217,7 +218,7 @@ class _ProviderBase:
         """
         key, content_type = self._prepare(key, content_type)
         resume_path = os.path.abspath(path) if resume else None
-        with open_source(key, path) as source:
+        with open_source(key, path) as source, _callback_errors_unwrapped():
             return self._store(source, key, content_type, progress, resume_path)
 
     def put_object(
@@ -242,7 +243,7 @@ class _ProviderBase:
             StorageUploadError: Any failure, as the subclass that says what failed.
         """
         key, content_type = self._prepare(key, content_type)
-        with object_source(key, data) as source:
+        with object_source(key, data) as source, _callback_errors_unwrapped():
             return self._store(source, key, content_type, progress)
 
     def _prepare(self, key: str, content_type: str | None) -> tuple[str, str]:
@@ -276,6 +277,15 @@ class _ProviderBase:
         resume_path: str | None = None,
     ) -> StorageResult:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _callback_errors_unwrapped() -> Iterator[None]:
+    """Re-raise the progress callback's own exception, unchanged, to the caller."""
+    try:
+        yield
+    except CallbackFailed as failed:
+        raise failed.error from None
 
 
 def _create_temp_beside(target: Path) -> tuple[Path, int]:

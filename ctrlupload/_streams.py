@@ -27,6 +27,7 @@ from ._errors import SourceFileError, UploadCancelled
 logger = logging.getLogger("ctrlupload")
 
 __all__ = [
+    "CallbackFailed",
     "FileWindow",
     "Md5Hasher",
     "ProgressCallback",
@@ -48,6 +49,19 @@ class ProgressCallback(Protocol):
     """Called as ``progress(bytes_done, bytes_total)``, possibly from another thread."""
 
     def __call__(self, bytes_done: int, bytes_total: int, /) -> None: ...
+
+
+class CallbackFailed(Exception):
+    """Carries an exception from the caller's progress callback out through urllib3.
+
+    urllib3 takes any OSError raised while sending a body for a network fault and
+    retries; wrapped in this (not an OSError), the callback's error stops the upload,
+    and the provider re-raises the original.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
 
 
 class ProgressTracker:
@@ -88,16 +102,21 @@ class ProgressTracker:
         with self._lock:
             try:
                 self._report(self.total)
-            except Exception:
-                logger.warning("progress callback failed on the final report", exc_info=True)
+            except CallbackFailed as failed:
+                logger.warning(
+                    "progress callback failed on the final report", exc_info=failed.error
+                )
 
     def _report(self, value: int) -> None:
         # Called with the lock held, so callbacks arrive in order.
-        if value > self._reported and self._callback is not None:
-            self._reported = value
-            self._callback(value, self.total)
-        elif value > self._reported:
-            self._reported = value
+        if value <= self._reported:
+            return
+        self._reported = value
+        if self._callback is not None:
+            try:
+                self._callback(value, self.total)
+            except Exception as exc:
+                raise CallbackFailed(exc) from exc
 
 
 class Md5Hasher:

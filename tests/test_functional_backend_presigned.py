@@ -1203,6 +1203,27 @@ def test_progress_callback_that_raises_mid_body_surfaces_its_error_and_completes
     _assert_no_completion(backend)
 
 
+def test_progress_callback_raising_an_os_error_is_not_mistaken_for_a_network_fault(
+    make_provider: MakeProvider,
+    sink: StorageSink,
+    backend: FakeBackend,
+    make_file: MakeFile,
+) -> None:
+    # urllib3 retries any OSError raised while it sends a body; a callback's own
+    # ConnectionError (an OSError) must stop the upload and reach the caller as is.
+    provider = make_provider(STORAGE_SEND_BLOCK_BYTES=4096)
+
+    def explode(done: int, total: int) -> None:
+        if done > 0:
+            raise ConnectionAbortedError("the UI went away")
+
+    with pytest.raises(ConnectionAbortedError, match="the UI went away"):
+        provider.put_file(make_file(64 * 1024), KEY, progress=explode)
+    assert wait_until(lambda: len(sink.put_requests()) == 1)
+    assert len(sink.put_requests()) == 1
+    _assert_no_completion(backend)
+
+
 def test_progress_callback_that_raises_on_the_final_report_does_not_fail_a_stored_upload(
     provider: BackendPresignedStorageProvider,
     backend: FakeBackend,
