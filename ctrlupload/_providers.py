@@ -513,9 +513,11 @@ class BackendPresignedStorageProvider(_ProviderBase):
         mode = self.settings.storage_multipart
         if mode is MultipartMode.NEVER:
             return False
-        if mode is MultipartMode.ALWAYS or resume_path is not None:
+        if mode is MultipartMode.ALWAYS:
             return True
-        return size >= self.settings.storage_multipart_threshold_bytes and not self._no_multipart
+        if self._no_multipart:
+            return False
+        return resume_path is not None or size >= self.settings.storage_multipart_threshold_bytes
 
     def _store_single(
         self,
