@@ -24,11 +24,11 @@ MAX_OBJECT_BYTES: Final = 5 * 1024 * GIB
 #: S3's largest single PUT; bigger bodies must go multipart.
 MAX_SINGLE_PUT_BYTES: Final = 5 * GIB
 
-#: Default part size: 16 MiB keeps per-part overhead (one presign batch entry, one
-#: request, one ETag) under 1 % at loopback speeds and lets 8 parallel parts fill a
-#: fast link, while a failed part costs at most 16 MiB to resend. Up to 156 GiB fits
-#: in 10,000 parts at this size; larger files get larger parts automatically.
-DEFAULT_PART_BYTES: Final = 16 * MIB
+#: Default part size: 8 MiB, as boto3. Per-part overhead (a presign batch entry, a
+#: request, an ETag) stays small, and what a crash or a failed part costs to resend
+#: stays small too: with 4 parts in flight, at most 32 MiB. Up to 78 GiB fits in 10,000
+#: parts at this size; larger files get larger parts automatically.
+DEFAULT_PART_BYTES: Final = 8 * MIB
 #: Default threshold: below 64 MiB, one PUT is as fast and needs three calls, not five.
 DEFAULT_MULTIPART_THRESHOLD_BYTES: Final = 64 * MIB
 

@@ -377,7 +377,7 @@ class ReferenceBackend:
             request.part_size or DEFAULT_PART_BYTES,
             min_part_bytes=self.min_part_bytes,
         )
-        upload_id = self.store.create_multipart(request.object_key, request.content_type)
+        upload_id = self.store.create_multipart(request.object_key, request.content_type, part_size)
         try:
             self.db.add_upload(
                 upload_id,

@@ -64,6 +64,8 @@ RECEIVE_BLOCK_BYTES: Final = 1024 * 1024
 COPY_BLOCK_BYTES: Final = 64 * 1024 * 1024
 _UPLOAD_ID: Final = re.compile(r"[0-9a-f]{32}")
 _KEY_FILE: Final = "object_key"
+_PART_SIZE_FILE: Final = "part_size"
+_DATA_FILE: Final = "data"
 # copy_file_range cannot serve these file pairs; plain reads and writes can.
 _NO_KERNEL_COPY: Final = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
@@ -190,6 +192,7 @@ class LocalObjectStore:
         self._sync_parts = sync_parts
         self._lock = threading.Lock()
         self._upload_lock = StripedLocks()
+        self._part_lock = StripedLocks()
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(data_dir={str(self.data_dir)!r}, base_url={self.base_url!r})"
@@ -304,18 +307,23 @@ class LocalObjectStore:
             raise NoSuchUpload(f"multipart upload {upload_id!r} is not for '{key}'")
         return folder, stored_key
 
-    def create_multipart(self, key: str, content_type: str) -> str:
-        """Start a multipart upload of ``key``; its id is 32 random hex digits."""
+    def create_multipart(self, key: str, content_type: str, part_size: int) -> str:
+        """Start a multipart upload of ``key``; its id is 32 random hex digits.
+
+        Parts are written in place, part ``n`` at ``(n - 1) * part_size`` of one data
+        file, so that completing an upload of consecutive parts is a rename, not a copy.
+        """
         del content_type  # recorded by the backend; objects here keep no content type
         upload_id = secrets.token_hex(16)
         folder = self.multipart_dir / upload_id
         folder.mkdir(parents=True)
-        fd, temp_name = _mkstemp(self.staging_dir)
-        with open(fd, "w", encoding="utf-8") as handle:
-            handle.write(key)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, folder / _KEY_FILE)
+        for name, text in ((_PART_SIZE_FILE, str(part_size)), (_KEY_FILE, key)):
+            fd, temp_name = _mkstemp(self.staging_dir)
+            with open(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, folder / name)
         return upload_id
 
     def presign_part(
@@ -363,59 +371,70 @@ class LocalObjectStore:
         return grant
 
     def receive_part(self, grant: PartGrant, body: BinaryIO) -> ObjectInfo:
-        """Stream one part to disk, then put it in its upload (replacing any earlier one).
+        """Stream one part into its place in the upload's data file.
+
+        The part's record (MD5 and size) is removed before its bytes are written and
+        written again only once all of them are, so a part cut short, or re-sent over
+        an earlier copy, is never listed until it is whole.
 
         Returns:
             The part's size and ETag (its MD5, quoted).
 
         Raises:
-            IncompleteBody: The body ended early; nothing is stored.
+            IncompleteBody: The body ended early; the part is not held.
             NoSuchUpload: The upload was aborted or completed meanwhile.
         """
-        temp_path, md5_hex = self._receive_to_temp(
-            body, grant.content_length, sync=self._sync_parts
-        )
-        try:
+        with self._upload_lock(grant.upload_id):
+            folder, _ = self._open_upload(grant.upload_id, grant.key)
+            part_size = self._part_size(folder)
+        record = folder / f"{grant.part_number}.md5"
+        # One writer per part at a time; other parts are written alongside.
+        with self._part_lock(f"{grant.upload_id}/{grant.part_number}"):
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
+            try:
+                fd = os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT, 0o666)
+            except FileNotFoundError:
+                raise NoSuchUpload(f"no multipart upload {grant.upload_id!r}") from None
+            md5 = hashlib.md5(usedforsecurity=False)
+            try:
+                offset = (grant.part_number - 1) * part_size
+                remaining = grant.content_length
+                while remaining:
+                    block = body.read(min(remaining, RECEIVE_BLOCK_BYTES))
+                    if not block:
+                        raise IncompleteBody(
+                            f"body ended {remaining} bytes short of {grant.content_length}"
+                        )
+                    md5.update(block)
+                    view = memoryview(block)
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view = view[written:]
+                        offset += written
+                    remaining -= len(block)
+                if self._sync_parts:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
             with self._upload_lock(grant.upload_id):
-                folder, _ = self._open_upload(grant.upload_id, grant.key)
-                target = folder / str(grant.part_number)
-                os.replace(temp_path, target)
-                self._write_part_md5(target, md5_hex)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp_path.unlink()
-            raise
-        return ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5_hex}"')
+                self._open_upload(grant.upload_id, grant.key)  # not aborted meanwhile
+                _write_small(self.staging_dir, record, f"{md5.hexdigest()} {grant.content_length}")
+        return ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5.hexdigest()}"')
 
-    def _write_part_md5(self, part: Path, md5_hex: str) -> None:
-        stat = part.stat()
-        fd, temp_name = _mkstemp(self.staging_dir)
-        with open(fd, "w", encoding="ascii") as handle:
-            handle.write(f"{md5_hex} {stat.st_size} {stat.st_mtime_ns}")
-        os.replace(temp_name, part.with_name(f"{part.name}.md5"))
+    def _part_size(self, folder: Path) -> int:
+        try:
+            return int((folder / _PART_SIZE_FILE).read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            raise NoSuchUpload(f"multipart upload in {folder.name} has no part size") from None
 
     def _part_info(self, folder: Path, part_number: int) -> StoredPart | None:
-        """Part ``part_number`` as held, or None; the caller holds the upload's lock."""
-        part = folder / str(part_number)
+        """Part ``part_number`` as held (it has a record), or None."""
         try:
-            stat = part.stat()
-        except FileNotFoundError:
-            return None
-        try:
-            md5_hex, size, mtime_ns = (
-                part.with_name(f"{part.name}.md5").read_text(encoding="ascii").split()
-            )
-            if int(size) == stat.st_size and int(mtime_ns) == stat.st_mtime_ns:
-                return StoredPart(part_number, f'"{md5_hex}"', stat.st_size)
+            md5_hex, size = (folder / f"{part_number}.md5").read_text(encoding="ascii").split()
+            return StoredPart(part_number, f'"{md5_hex}"', int(size))
         except (OSError, ValueError):
-            pass
-        # No record, or the part changed after it (a crash between rename and record).
-        md5 = hashlib.md5(usedforsecurity=False)
-        with open(part, "rb") as handle:
-            while block := handle.read(RECEIVE_BLOCK_BYTES):
-                md5.update(block)
-        self._write_part_md5(part, md5.hexdigest())
-        return StoredPart(part_number, f'"{md5.hexdigest()}"', stat.st_size)
+            return None
 
     def list_parts(
         self, key: str, upload_id: str, *, part_number_marker: int = 0, max_parts: int = 1000
@@ -428,9 +447,9 @@ class LocalObjectStore:
         with self._upload_lock(upload_id):
             folder, _ = self._open_upload(upload_id, key)
             numbers = sorted(
-                int(name)
-                for name in os.listdir(folder)
-                if name.isdigit() and str(int(name)) == name
+                int(stem)
+                for stem, _, suffix in (name.partition(".") for name in os.listdir(folder))
+                if suffix == "md5" and stem.isdigit() and str(int(stem)) == stem
             )
             wanted = [number for number in numbers if number > part_number_marker]
             # Read the records of this page only (and learn whether another follows).
@@ -451,7 +470,10 @@ class LocalObjectStore:
             UploadRejected: 400 ``InvalidArgument`` when the file system cannot hold the
                 key.
         """
-        with self._upload_lock(upload_id):
+        # Part locks first, as receive_part takes them: no part is being written while
+        # the data file is checked and published.
+        part_names = [f"{upload_id}/{part.part_number}" for part in parts]
+        with self._part_lock.hold(part_names), self._upload_lock(upload_id):
             folder, _ = self._open_upload(upload_id, key)
             for wanted in parts:
                 held = self._part_info(folder, wanted.part_number)
@@ -460,24 +482,22 @@ class LocalObjectStore:
                 if (_bare(held.etag), held.size_bytes) != (_bare(wanted.etag), wanted.size_bytes):
                     raise InvalidPart(f"part {wanted.part_number} changed since it was listed")
             target = self._path(key)
-            fd, temp_name = _mkstemp(self.staging_dir)
-            temp_path = Path(temp_name)
-            try:
-                with open(fd, "wb", buffering=0) as out:
-                    for wanted in parts:
-                        source_fd = os.open(folder / str(wanted.part_number), os.O_RDONLY)
-                        try:
-                            copied = _copy_range(source_fd, out.fileno(), wanted.size_bytes)
-                        finally:
-                            os.close(source_fd)
-                        if copied != wanted.size_bytes:
-                            raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
+            part_size = self._part_size(folder)
+            total = sum(part.size_bytes for part in parts)
+            in_place = all(
+                part.part_number == index + 1
+                and (part.size_bytes == part_size or index == len(parts) - 1)
+                for index, part in enumerate(parts)
+            )
+            data = folder / _DATA_FILE
+            if in_place:
+                # Parts 1..N already sit end to end: cut off anything past the last one.
+                with open(data, "ab") as out:
+                    out.truncate(total)
                     os.fsync(out.fileno())
-                _publish(temp_path, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    temp_path.unlink()
-                raise
+                _publish(data, target)
+            else:
+                self._assemble_copy(data, part_size, parts, target)
             info = ObjectInfo(
                 size_bytes=sum(part.size_bytes for part in parts),
                 etag=multipart_etag([_bare(part.etag) for part in parts]),
@@ -485,6 +505,26 @@ class LocalObjectStore:
             self._write_meta(key, target, info)
             shutil.rmtree(folder, ignore_errors=True)
         return info
+
+    def _assemble_copy(
+        self, data: Path, part_size: int, parts: Sequence[StoredPart], target: Path
+    ) -> None:
+        """Copy non-consecutive parts out of the data file into the object, in order."""
+        fd, temp_name = _mkstemp(self.staging_dir)
+        temp_path = Path(temp_name)
+        try:
+            with open(fd, "wb", buffering=0) as out, open(data, "rb", buffering=0) as source:
+                for wanted in parts:
+                    source.seek((wanted.part_number - 1) * part_size)
+                    copied = _copy_range(source.fileno(), out.fileno(), wanted.size_bytes)
+                    if copied != wanted.size_bytes:
+                        raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
+                os.fsync(out.fileno())
+            _publish(temp_path, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp_path.unlink()
+            raise
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Remove the upload and its parts; an unknown upload (or another key's) is fine."""
@@ -559,6 +599,14 @@ def _expiry(expires: str | None, signature: str | None) -> int:
         return int(expires)
     except ValueError:
         raise UploadRejected(403, "AccessDenied", "Invalid expiry") from None
+
+
+def _write_small(staging: Path, path: Path, text: str) -> None:
+    """Replace a small text file atomically."""
+    fd, temp_name = _mkstemp(staging)
+    with open(fd, "w", encoding="ascii") as handle:
+        handle.write(text)
+    os.replace(temp_name, path)
 
 
 def _publish(temp_path: Path, target: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 DEFAULT_STRIPES: Final = 64
@@ -24,7 +26,19 @@ class StripedLocks:
             raise ValueError("stripes must be at least 1")
         self._locks = tuple(threading.Lock() for _ in range(stripes))
 
+    def _index(self, name: str) -> int:
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+        return int.from_bytes(digest, "big") % len(self._locks)
+
     def __call__(self, name: str) -> threading.Lock:
         """The lock that guards ``name``."""
-        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4).digest()
-        return self._locks[int.from_bytes(digest, "big") % len(self._locks)]
+        return self._locks[self._index(name)]
+
+    @contextlib.contextmanager
+    def hold(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold the locks of all ``names`` at once, taken in one fixed order."""
+        chosen = sorted({self._index(name) for name in names})
+        with contextlib.ExitStack() as stack:
+            for index in chosen:
+                stack.enter_context(self._locks[index])
+            yield

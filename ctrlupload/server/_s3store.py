@@ -328,12 +328,13 @@ class S3ObjectStore:
 
     # -- multipart uploads -----------------------------------------------------------
 
-    def create_multipart(self, key: str, content_type: str) -> str:
+    def create_multipart(self, key: str, content_type: str, part_size: int = 0) -> str:
         """Start a multipart upload (CreateMultipartUpload) with this content type.
 
         Args:
             key: The object key.
             content_type: The ``Content-Type`` the finished object will have.
+            part_size: Unused: S3 keeps each part on its own.
 
         Returns:
             S3's upload id.

@@ -108,8 +108,11 @@ class ObjectStore(Protocol):
 
     # -- multipart uploads -----------------------------------------------------------
 
-    def create_multipart(self, key: str, content_type: str) -> str:
-        """Start a multipart upload of ``key`` and return its upload id."""
+    def create_multipart(self, key: str, content_type: str, part_size: int) -> str:
+        """Start a multipart upload of ``key`` and return its upload id.
+
+        ``part_size`` is the size of every part but the last, as the backend signs them.
+        """
         ...
 
     def presign_part(
