@@ -313,3 +313,68 @@ def test_a_failing_part_on_moto_aborts_and_leaves_no_pending_upload(
     assert "part 2" in str(caught.value)
     assert moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert "Contents" not in moto_s3.client().list_objects_v2(Bucket=bucket)
+
+
+def test_several_multipart_uploads_at_once_through_moto(
+    start_backend: StartBackend, s3_store_factory: Callable[..., Any], moto_s3: Any, tmp_path: Path
+) -> None:
+    bucket = moto_s3.make_bucket()
+    running = start_backend(lambda base: s3_store_factory(bucket))
+    files = {
+        f"videos/V/S/J{n}/video.mp4": write_random(tmp_path / f"{n}.mp4", 4 * PART + n)
+        for n in range(3)
+    }
+    with running.client(STORAGE_MULTIPART_CONCURRENCY=2) as client, ThreadPoolExecutor(3) as pool:
+        list(
+            pool.map(
+                lambda n: client.put_file(tmp_path / f"{n}.mp4", f"videos/V/S/J{n}/video.mp4"),
+                range(3),
+            )
+        )
+    s3 = moto_s3.client()
+    for key, data in files.items():
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+def test_killed_upload_through_moto_resumes_sending_only_the_missing_parts(
+    start_backend: StartBackend, s3_store_factory: Callable[..., Any], moto_s3: Any, tmp_path: Path
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from ctrlupload.server._s3store import S3ObjectStore
+    from tests.support.throttle_proxy import ThrottleProxy
+
+    moto = urlsplit(moto_s3.endpoint_url)
+    bucket = moto_s3.make_bucket()
+    # Uploads reach moto through a counting proxy (no rate cap): moto keeps no request log.
+    with ThrottleProxy(str(moto.hostname), int(moto.port or 80), rate_bytes_per_s=None) as proxy:
+
+        def make_store(base: str) -> Any:
+            return S3ObjectStore(bucket, endpoint_url=proxy.url, region="us-east-1")
+
+        running = start_backend(make_store)
+        source = tmp_path / "video.mp4"
+        data = write_random(source, 6 * PART + 55)  # 7 parts
+        overrides = {
+            "STORAGE_RESUME_DIR": str(tmp_path / "resume"),
+            "STORAGE_MULTIPART_CONCURRENCY": 2,
+        }
+        _killed_run(running, source, overrides)
+        (upload,) = moto_s3.client().list_multipart_uploads(Bucket=bucket)["Uploads"]
+        held = moto_s3.client().list_parts(Bucket=bucket, Key=KEY, UploadId=upload["UploadId"])
+        stored_before = {part["PartNumber"] for part in held.get("Parts", [])}
+        assert stored_before, "the killed run stored no part: nothing to resume"
+        proxy.reset()
+
+        with running.client(**overrides) as client:
+            client.put_file(source, KEY, resume=True)
+
+        resent = {
+            int(parse_qs(urlsplit(request.target).query)["partNumber"][0])
+            for connection in proxy.stats().connections
+            for request in connection.requests
+            if request.method == "PUT" and "partNumber=" in request.target
+        }
+    assert resent == set(range(1, 8)) - stored_before
+    assert moto_s3.client().get_object(Bucket=bucket, Key=KEY)["Body"].read() == data
+    assert moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
