@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import functools
 import hashlib
 import json
@@ -62,10 +61,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import requests  # noqa: E402
-import urllib3  # noqa: E402
+from bench_reference_backend import machine_facts as common_machine_facts  # noqa: E402
 
-import ctrlupload  # noqa: E402
 from ctrlupload import BackendPresignedStorageProvider, Settings  # noqa: E402
 from tests.support.servers import FakeBackend, StorageSink  # noqa: E402
 
@@ -134,18 +131,7 @@ def _median(values: list[float]) -> float:
 
 
 def machine_facts() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_total = "unknown"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                mem_total = f"{int(line.split()[1]) / MIB:.1f} GiB"
-                break
+    """The shared machine facts, plus the baseline tools this benchmark compares with."""
     curl_version = subprocess.run(
         ["curl", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[0]
@@ -153,18 +139,9 @@ def machine_facts() -> dict[str, Any]:
         [NGINX, "-v"], capture_output=True, text=True, check=False
     ).stderr.strip()
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model,
-        "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "mem_total": mem_total,
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
+        **common_machine_facts(),
         "python_impl": platform.python_implementation(),
         "openssl": __import__("ssl").OPENSSL_VERSION,
-        "requests": requests.__version__,
-        "urllib3": urllib3.__version__,
-        "ctrlupload": ctrlupload.__version__,
         "curl": curl_version,
         "nginx": nginx_version,
     }
