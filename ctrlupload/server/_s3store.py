@@ -250,28 +250,43 @@ class S3ObjectStore:
             ValueError: ``expires_sec`` or ``content_length`` is out of range.
             ObjectStoreError: boto3 could not sign, e.g. it found no credentials.
         """
-        if not 1 <= expires_sec <= MAX_PRESIGN_EXPIRES_S:
-            raise ValueError(
-                f"expires_sec must be between 1 and {MAX_PRESIGN_EXPIRES_S}, got {expires_sec}"
-            )
         if not 0 <= content_length <= MAX_PUT_BYTES:
             raise ValueError(
                 f"content_length must be between 0 and {MAX_PUT_BYTES} bytes (S3's limit "
                 f"for one PUT), got {content_length}"
             )
-        params = {
-            "Bucket": self._bucket,
-            "Key": key,
-            "ContentType": content_type,
-            "ContentLength": content_length,
-        }
+        return self._presign(
+            "put_object",
+            "PresignPutObject",
+            key,
+            {"ContentType": content_type, "ContentLength": content_length},
+            {"Content-Type": content_type, "Content-Length": str(content_length)},
+            expires_sec,
+        )
+
+    def _presign(
+        self,
+        client_method: str,
+        operation: str,
+        key: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+        expires_sec: int,
+    ) -> PresignedPut:
+        """Sign one PUT of ``client_method``; ``headers`` are the signed ones to send."""
+        if not 1 <= expires_sec <= MAX_PRESIGN_EXPIRES_S:
+            raise ValueError(
+                f"expires_sec must be between 1 and {MAX_PRESIGN_EXPIRES_S}, got {expires_sec}"
+            )
         try:
             url = self._client.generate_presigned_url(
-                "put_object", Params=params, ExpiresIn=expires_sec, HttpMethod="PUT"
+                client_method,
+                Params={"Bucket": self._bucket, "Key": key, **params},
+                ExpiresIn=expires_sec,
+                HttpMethod="PUT",
             )
         except self._boto_errors as exc:
-            raise self._error("PresignPutObject", key, exc) from exc
-        headers = {"Content-Type": content_type, "Content-Length": str(content_length)}
+            raise self._error(operation, key, exc) from exc
         return PresignedPut(upload_url=url, headers=headers, expires_sec=expires_sec)
 
     def public_url(self, key: str) -> str:
@@ -378,10 +393,6 @@ class S3ObjectStore:
             ValueError: An argument is out of S3's range.
             ObjectStoreError: boto3 could not sign, e.g. it found no credentials.
         """
-        if not 1 <= expires_sec <= MAX_PRESIGN_EXPIRES_S:
-            raise ValueError(
-                f"expires_sec must be between 1 and {MAX_PRESIGN_EXPIRES_S}, got {expires_sec}"
-            )
         if not 1 <= part_number <= MAX_PARTS:
             raise ValueError(f"part_number must be between 1 and {MAX_PARTS}, got {part_number}")
         if not 0 <= content_length <= MAX_PART_BYTES:
@@ -389,21 +400,14 @@ class S3ObjectStore:
                 f"content_length must be between 0 and {MAX_PART_BYTES} bytes (S3's limit "
                 f"for one part), got {content_length}"
             )
-        params = {
-            "Bucket": self._bucket,
-            "Key": key,
-            "UploadId": upload_id,
-            "PartNumber": part_number,
-            "ContentLength": content_length,
-        }
-        try:
-            url = self._client.generate_presigned_url(
-                "upload_part", Params=params, ExpiresIn=expires_sec, HttpMethod="PUT"
-            )
-        except self._boto_errors as exc:
-            raise self._error("PresignUploadPart", key, exc) from exc
-        headers = {"Content-Length": str(content_length)}
-        return PresignedPut(upload_url=url, headers=headers, expires_sec=expires_sec)
+        return self._presign(
+            "upload_part",
+            "PresignUploadPart",
+            key,
+            {"UploadId": upload_id, "PartNumber": part_number, "ContentLength": content_length},
+            {"Content-Length": str(content_length)},
+            expires_sec,
+        )
 
     def list_parts(
         self,
