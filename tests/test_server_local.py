@@ -492,3 +492,12 @@ def test_keys_the_filesystem_cannot_hold_are_refused_cleanly(reference: Referenc
     with pytest.raises(StorageTransferError, match="HTTP 400"):
         reference.client.put_object(b"under a file", "a/b/c")
     assert reference.staging_is_empty()
+
+
+def test_server_reprs_hold_no_token_and_no_signature(reference: Reference, tmp_path: Path) -> None:
+    config = ServerConfig(port=0, data_dir=tmp_path, token="server-token-xyz")
+    assert "server-token-xyz" not in repr(config)
+    signed = reference.store.presign_put(KEY, "video/mp4", 4, 600)
+    signature = signed.upload_url.split("signature=")[1]
+    assert signature not in repr(signed)
+    assert signature not in repr(reference.store)

@@ -49,7 +49,7 @@ class ServerConfig:
     port: int = 8080
     store: Literal["local", "s3"] = "local"
     data_dir: Path = Path("ctrlupload-data")
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     public_url: str | None = None
     max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH
     expires_sec: int = DEFAULT_EXPIRES_SEC

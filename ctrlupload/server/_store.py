@@ -12,7 +12,7 @@ held, complete (assemble) and abort. The local store mimics S3's semantics, incl
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 #: S3's page size for ListParts, and the most the contract returns at once.
@@ -21,10 +21,10 @@ MAX_LIST_PARTS: Final = 1000
 
 @dataclass(frozen=True)
 class PresignedPut:
-    """Where and how to PUT one object."""
+    """Where and how to PUT one object. The URL and headers are credentials: no repr."""
 
-    upload_url: str
-    headers: dict[str, str]
+    upload_url: str = field(repr=False)
+    headers: dict[str, str] = field(repr=False)
     expires_sec: int
 
 
