@@ -58,7 +58,7 @@ from ._errors import (
 from ._keys import guess_content_type, validate_key
 from ._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
 from ._parts import MAX_SINGLE_PUT_BYTES, Part, check_part_size, choose_part_size, plan_parts
-from ._redact import redact_text, redact_url
+from ._redact import redact_text, redact_url, register_secret
 from ._settings import MultipartMode, Settings, StorageProvider
 from ._streams import (
     DEFAULT_THREADED_HASH_MIN_BYTES,
@@ -426,6 +426,7 @@ class BackendPresignedStorageProvider(_ProviderBase):
             )
         self._base_url = s.backend_base_url
         self._token = s.backend_service_token.get_secret_value()
+        register_secret(self._token)  # redacted wherever it might surface in text
         # Learned once: the backend answered 404/405/501 to multipart initiate.
         self._no_multipart = False
         self._no_multipart_lock = threading.Lock()

@@ -39,7 +39,7 @@ import urllib3.exceptions
 from urllib3.util.retry import Retry
 
 from ._errors import TransportFailure
-from ._redact import install_log_redaction, redact_text, redact_url, register_secret
+from ._redact import install_log_redaction, redact_text, redact_url
 
 __all__ = ["HttpResult", "RetryPolicy", "Transport", "TransportConfig"]
 
@@ -212,7 +212,6 @@ class Transport:
         Raises:
             TransportFailure: The request could not be completed (already retried).
         """
-        register_secret(token)
         return self._send(
             "POST",
             url,
