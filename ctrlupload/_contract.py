@@ -26,6 +26,7 @@ __all__ = [
     "PresignRequest",
     "PresignResponse",
     "StatusResponse",
+    "bare_etag",
     "parse_response",
 ]
 
@@ -113,6 +114,11 @@ class StatusResponse(_Response):
 
 
 ResponseT = TypeVar("ResponseT", bound=_Response)
+
+
+def bare_etag(etag: str) -> str:
+    """An ETag without weak marker, quotes or case, for comparing two of them."""
+    return etag.strip().removeprefix("W/").strip('"').lower()
 
 
 def parse_response(model: type[ResponseT], payload: Any) -> tuple[ResponseT | None, str]:

@@ -42,6 +42,7 @@ from ._contract import (
     PresignResponse,
     ResponseModel,
     StatusResponse,
+    bare_etag,
     parse_response,
 )
 from ._errors import (
@@ -858,7 +859,7 @@ class BackendPresignedStorageProvider(_ProviderBase):
                     return False
                 digest.update(block)
                 offset += len(block)
-            return _bare_etag(etag) == digest.hexdigest()
+            return bare_etag(etag) == digest.hexdigest()
 
         with ThreadPoolExecutor(self.settings.storage_multipart_concurrency) as pool:
             verdicts = list(pool.map(matches, candidates))
@@ -1027,10 +1028,6 @@ def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, (StorageTransferError, BackendError)):
         return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
     return False
-
-
-def _bare_etag(etag: str) -> str:
-    return etag.strip().removeprefix("W/").strip('"').lower()
 
 
 def _check_etag(key: str, etag: str, digest: str, headers: Mapping[str, str]) -> None:

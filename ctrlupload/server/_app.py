@@ -46,6 +46,7 @@ from .._contract import (
     MultipartListRequest,
     MultipartPresignRequest,
     PresignRequest,
+    bare_etag,
 )
 from .._errors import InvalidKeyError, StorageError
 from .._keys import guess_content_type, validate_key
@@ -331,7 +332,7 @@ class ReferenceBackend:
                 f"object '{request.object_key}' holds {stored.size_bytes} bytes, "
                 f"not {request.size_bytes}",
             )
-        if _bare_etag(stored.etag) != _bare_etag(request.etag):
+        if bare_etag(stored.etag) != bare_etag(request.etag):
             raise _HttpError(
                 409,
                 "object_mismatch",
@@ -502,7 +503,7 @@ class ReferenceBackend:
             part = held.get(wanted.part_number)
             if part is None:
                 raise _invalid_part(f"part {wanted.part_number} was not uploaded")
-            if _bare_etag(part.etag) != _bare_etag(wanted.etag):
+            if bare_etag(part.etag) != bare_etag(wanted.etag):
                 raise _invalid_part(
                     f"part {wanted.part_number} has ETag {part.etag}, not {wanted.etag}"
                 )
@@ -523,13 +524,13 @@ class ReferenceBackend:
         self, request: MultipartCompleteRequest, digest: str, public_url: str
     ) -> dict[str, Any]:
         key, upload_id = request.object_key, request.upload_id
-        bare = [_bare_etag(part.etag) for part in request.parts]
+        bare = [bare_etag(part.etag) for part in request.parts]
         stored = self.store.head(key)
         if (
             stored is None
             or stored.size_bytes != request.size_bytes
             or not all(_MD5_HEX.fullmatch(etag) for etag in bare)
-            or _bare_etag(stored.etag) != _bare_etag(multipart_etag(bare))
+            or bare_etag(stored.etag) != bare_etag(multipart_etag(bare))
         ):
             raise _no_such_upload(key, upload_id)
         logger.info("multipart upload %s of %s was assembled before; recording it", upload_id, key)
@@ -701,7 +702,7 @@ def _completion_digest(request: MultipartCompleteRequest) -> str:
     """What identifies a completion: the size and each part's number and bare ETag."""
     text = ";".join(
         [str(request.size_bytes)]
-        + [f"{part.part_number}={_bare_etag(part.etag)}" for part in request.parts]
+        + [f"{part.part_number}={bare_etag(part.etag)}" for part in request.parts]
     )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -739,10 +740,6 @@ def _file_blocks(handle: BinaryIO) -> Iterator[bytes]:
     with handle:
         while block := handle.read(1024 * 1024):
             yield block
-
-
-def _bare_etag(etag: str) -> str:
-    return etag.strip().removeprefix("W/").strip('"').lower()
 
 
 def _wsgi_path_to_text(raw: str) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import quote, urlencode
 
+from .._contract import bare_etag
 from .._parts import MAX_PARTS, multipart_etag
 from ._locks import StripedLocks
 from ._store import (
@@ -479,7 +480,10 @@ class LocalObjectStore:
                 held = self._part_info(folder, wanted.part_number)
                 if held is None:
                     raise InvalidPart(f"part {wanted.part_number} was not uploaded")
-                if (_bare(held.etag), held.size_bytes) != (_bare(wanted.etag), wanted.size_bytes):
+                if (bare_etag(held.etag), held.size_bytes) != (
+                    bare_etag(wanted.etag),
+                    wanted.size_bytes,
+                ):
                     raise InvalidPart(f"part {wanted.part_number} changed since it was listed")
             target = self._path(key)
             part_size = self._part_size(folder)
@@ -500,7 +504,7 @@ class LocalObjectStore:
                 self._assemble_copy(data, part_size, parts, target)
             info = ObjectInfo(
                 size_bytes=sum(part.size_bytes for part in parts),
-                etag=multipart_etag([_bare(part.etag) for part in parts]),
+                etag=multipart_etag([bare_etag(part.etag) for part in parts]),
             )
             self._write_meta(key, target, info)
             shutil.rmtree(folder, ignore_errors=True)
@@ -654,10 +658,6 @@ def _copy_range(source_fd: int, target_fd: int, length: int) -> int:
             break
         copied += moved
     return copied
-
-
-def _bare(etag: str) -> str:
-    return etag.strip().strip('"').lower()
 
 
 def _means_absent(exc: OSError) -> bool:
