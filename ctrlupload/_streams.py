@@ -178,7 +178,6 @@ class Md5Hasher:
 class _Identity:
     size: int
     mtime_ns: int
-    inode: int
 
 
 class SourceReader:
@@ -268,7 +267,7 @@ def open_source(key: str, path: str | os.PathLike[str]) -> SourceReader:
     except BaseException:
         os.close(fd)
         raise
-    identity = _Identity(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    identity = _Identity(stat.st_size, stat.st_mtime_ns)
 
     def check_unchanged() -> str | None:
         now = os.fstat(fd)

@@ -228,10 +228,6 @@ class Transport:
         """
         return self._send("PUT", url, data=body, headers=dict(headers))
 
-    def get(self, url: str) -> HttpResult:
-        """GET ``url`` with no credentials (used to read back public objects)."""
-        return self._send("GET", url)
-
     def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
         logger.debug("%s %s", method, redact_url(url))
         failure: TransportFailure | None = None
