@@ -28,7 +28,7 @@ from ._errors import UploadCancelled
 from ._parts import Part
 from ._streams import SourceReader
 
-__all__ = ["Checkpoint", "CheckpointStore", "PartRunner", "fingerprint"]
+__all__ = ["Checkpoint", "CheckpointSlot", "CheckpointStore", "PartRunner", "fingerprint"]
 
 logger = logging.getLogger("ctrlupload")
 
@@ -104,6 +104,27 @@ class CheckpointStore:
         """Remove the checkpoint; a missing one is fine."""
         with contextlib.suppress(FileNotFoundError):
             self._file(key, path).unlink()
+
+
+@dataclass(frozen=True)
+class CheckpointSlot:
+    """The checkpoint place of one (key, file path): what a resumable upload uses."""
+
+    store: CheckpointStore
+    key: str
+    path: str
+
+    def load(self) -> Checkpoint | None:
+        """The checkpoint, or None."""
+        return self.store.load(self.key, self.path)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        """Write it atomically."""
+        self.store.save(checkpoint)
+
+    def delete(self) -> None:
+        """Remove it; a missing one is fine."""
+        self.store.delete(self.key, self.path)
 
 
 class PartRunner:

@@ -57,7 +57,7 @@ from ._errors import (
     UploadTooLargeError,
 )
 from ._keys import guess_content_type, validate_key
-from ._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
+from ._multipart import Checkpoint, CheckpointSlot, CheckpointStore, PartRunner, fingerprint
 from ._parts import MAX_SINGLE_PUT_BYTES, Part, check_part_size, choose_part_size, plan_parts
 from ._redact import redact_text, redact_url, register_secret
 from ._settings import MultipartMode, Settings, StorageProvider
@@ -623,12 +623,12 @@ class BackendPresignedStorageProvider(_ProviderBase):
     ) -> StorageResult | None:
         """Upload in parts; None when the backend has no multipart API (use one PUT)."""
         size = source.size
-        checkpoints = CheckpointStore(self._resume_dir()) if resume_path else None
-        resumed = (
-            self._resume(source, key, content_type, resume_path, checkpoints)
-            if checkpoints is not None and resume_path is not None
+        slot = (
+            CheckpointSlot(CheckpointStore(self._resume_dir()), key, resume_path)
+            if resume_path is not None
             else None
         )
+        resumed = self._resume(source, content_type, slot) if slot is not None else None
         if resumed is not None:
             upload_id, part_size, done = resumed
         else:
@@ -641,14 +641,14 @@ class BackendPresignedStorageProvider(_ProviderBase):
                 error = BackendError(key, f"Multipart initiate failed: {problem}", phase="initiate")
                 self._abort(key, upload_id, error)
                 raise error
-            if checkpoints is not None and resume_path is not None:
-                checkpoints.save(
+            if slot is not None:
+                slot.save(
                     Checkpoint(
                         key=key,
                         upload_id=upload_id,
                         part_size=part_size,
                         content_type=content_type,
-                        path=resume_path,
+                        path=slot.path,
                         size_bytes=size,
                         mtime_ns=source.mtime_ns or 0,
                         fingerprint=fingerprint(source),
@@ -698,18 +698,18 @@ class BackendPresignedStorageProvider(_ProviderBase):
                 MultipartCompleteResponse,
             )
         except BaseException as exc:
-            if checkpoints is not None and resume_path is not None and _resumable(exc):
+            if slot is not None and _resumable(exc):
                 exc.add_note(
                     f"Multipart upload {upload_id} was kept: call put_file(..., resume=True) "
                     "again to send only the missing parts."
                 )
             else:
                 self._abort(key, upload_id, exc)
-                if checkpoints is not None and resume_path is not None:
-                    checkpoints.delete(key, resume_path)
+                if slot is not None:
+                    slot.delete()
             raise
-        if checkpoints is not None and resume_path is not None:
-            checkpoints.delete(key, resume_path)
+        if slot is not None:
+            slot.delete()
         tracker.finish()
         return StorageResult(
             key=key,
@@ -812,15 +812,11 @@ class BackendPresignedStorageProvider(_ProviderBase):
             marker = following
 
     def _resume(
-        self,
-        source: SourceReader,
-        key: str,
-        content_type: str,
-        resume_path: str,
-        checkpoints: CheckpointStore,
+        self, source: SourceReader, content_type: str, slot: CheckpointSlot
     ) -> tuple[str, int, dict[int, str]] | None:
         """Continue the checkpointed upload: its id, part size and the parts to keep."""
-        checkpoint = checkpoints.load(key, resume_path)
+        key = slot.key
+        checkpoint = slot.load()
         if checkpoint is None:
             return None
         same_file = (
@@ -830,9 +826,9 @@ class BackendPresignedStorageProvider(_ProviderBase):
             and checkpoint.fingerprint == fingerprint(source)
         )
         if not same_file:
-            logger.info("%s changed since its upload started; starting over", resume_path)
+            logger.info("%s changed since its upload started; starting over", slot.path)
             self._abort(key, checkpoint.upload_id, None)
-            checkpoints.delete(key, resume_path)
+            slot.delete()
             return None
         try:
             listed = self._list_parts(key, checkpoint.upload_id)
@@ -840,7 +836,7 @@ class BackendPresignedStorageProvider(_ProviderBase):
             if error.status_code not in (404, 410):
                 raise
             logger.info("upload %s is gone at the backend; starting over", checkpoint.upload_id)
-            checkpoints.delete(key, resume_path)
+            slot.delete()
             return None
         plan = {part.number: part for part in plan_parts(source.size, checkpoint.part_size)}
         candidates = [
