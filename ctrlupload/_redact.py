@@ -72,6 +72,7 @@ class RedactingFilter(logging.Filter):
 
 _FILTERED_LOGGERS = (
     "ctrlupload",
+    "ctrlupload.server",
     "urllib3",
     "urllib3.connectionpool",
     "urllib3.connection",

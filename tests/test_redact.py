@@ -50,5 +50,5 @@ def test_filter_rewrites_records_with_arguments(caplog: pytest.LogCaptureFixture
 def test_urllib3_loggers_are_filtered_once_ctrlupload_is_imported() -> None:
     import ctrlupload  # noqa: F401
 
-    for name in ("urllib3.connectionpool", "urllib3.util.retry"):
+    for name in ("urllib3.connectionpool", "urllib3.util.retry", "ctrlupload.server"):
         assert any(isinstance(f, RedactingFilter) for f in logging.getLogger(name).filters)
