@@ -435,6 +435,7 @@ class BackendPresignedStorageProvider(_ProviderBase):
             TransportConfig(
                 connect_timeout_s=s.storage_connect_timeout_s,
                 read_timeout_s=s.storage_read_timeout_s,
+                min_send_rate_bytes_s=s.storage_min_send_rate_bytes_s,
                 retry=RetryPolicy(
                     attempts=s.storage_retry_attempts,
                     backoff_s=s.storage_retry_backoff_s,

@@ -126,6 +126,15 @@ class Settings(BaseModel):
     )
     storage_connect_timeout_s: float = Field(10.0, alias="STORAGE_CONNECT_TIMEOUT_S", gt=0)
     storage_read_timeout_s: float = Field(120.0, alias="STORAGE_READ_TIMEOUT_S", gt=0)
+    storage_min_send_rate_bytes_s: int = Field(
+        64 * 1024,
+        alias="STORAGE_MIN_SEND_RATE_BYTES_S",
+        ge=1,
+        description=(
+            "Slowest average rate a body may be sent at: one attempt may take at most "
+            "connect timeout + read timeout + body bytes / this rate."
+        ),
+    )
     storage_retry_attempts: int = Field(
         DEFAULT_RETRY_ATTEMPTS,
         alias="STORAGE_RETRY_ATTEMPTS",

@@ -6,7 +6,8 @@ at construction, and never changed. What is shared between threads:
 * the urllib3 connection pools inside the mounted adapters (thread-safe; their size is
   ``STORAGE_MAX_CONNECTIONS`` per host, so a pool of that many threads never opens and
   throws away surplus connections);
-* the immutable retry policy and timeouts.
+* the immutable retry policy and timeouts;
+* one watchdog thread that ends any attempt that outlives its bound.
 
 The session's one mutable part, its cookie jar, is locked by ``http.cookiejar`` and set
 to refuse every cookie: the client keeps no state between requests. Proxy settings from
@@ -15,16 +16,32 @@ cached under a lock, rather than by requests on every call, which also means
 ``~/.netrc`` is never consulted. Everything else (request bodies, responses) belongs to
 the calling thread.
 
-Retries belong to urllib3 alone (connect and read errors, 429 and 5xx, Retry-After
-honoured); nothing above this module retries a transport fault.
+**One retry owner.** urllib3's ``Retry`` retries every transport fault: connect and
+read errors, 429 and 5xx (``Retry-After`` honoured). Reading the answer's body is part
+of the attempt: the connection reads the (small, capped) body before it hands the
+response to urllib3, so a reset, an ``IncompleteRead`` or a timeout in the middle of a
+body is a read error that the same ``Retry`` retries, from the same attempt budget, as
+a failure before the headers. Nothing above this module retries a transport fault.
+
+**Every attempt has a bound**: ``connect_timeout_s + read_timeout_s + body_bytes /
+min_send_rate_bytes_s`` seconds from the moment the attempt starts. Timeouts alone
+cannot bound a server that trickles a byte at a time, so past the bound the watchdog
+shuts the attempt's socket down; the attempt fails as a read error, and is retried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import heapq
 import http.client
+import io
+import itertools
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
@@ -35,7 +52,10 @@ import requests
 import requests.adapters
 import requests.auth
 import requests.utils
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.response
 from urllib3.util.retry import Retry
 
 from ._errors import TransportFailure
@@ -47,11 +67,16 @@ logger = logging.getLogger("ctrlupload")
 
 #: Statuses retried with backoff (Retry-After honoured on 429 and 503).
 RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
-#: Methods urllib3 may repeat: presign is safe, complete and delete are idempotent
-#: upserts, and a presigned PUT rewrites the same object.
+#: Methods urllib3 may repeat. Every call of the contract is safe to repeat: presign,
+#: presign-parts and list-parts change nothing; complete, delete, multipart complete and
+#: abort are idempotent; initiate carries an ``Idempotency-Key``; a presigned PUT
+#: rewrites the same object or part.
 RETRY_METHODS: Final = frozenset({"POST", "PUT", "GET", "HEAD"})
-#: Largest response body read into memory; larger ones are cut (error bodies are tiny).
+#: Largest response body kept; the rest is not read and the connection is dropped.
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
+#: Default least rate a body is sent at before its attempt counts as stalled: 64 KiB/s.
+DEFAULT_MIN_SEND_RATE_BYTES_S: Final = 64 * 1024
+_READ_BLOCK_BYTES: Final = 64 * 1024
 
 install_log_redaction()
 
@@ -78,7 +103,7 @@ class RetryPolicy:
             connect=retries,
             read=retries,
             status=retries,
-            other=0,
+            other=0,  # e.g. a failed TLS handshake: repeating it will not help
             redirect=0,
             allowed_methods=RETRY_METHODS,
             status_forcelist=RETRY_STATUSES,
@@ -106,22 +131,41 @@ class _LenientRetry(Retry):
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """Timeouts, retries and pooling of a :class:`Transport`."""
+    """Timeouts, retries and pooling of a :class:`Transport`.
+
+    Attributes:
+        connect_timeout_s: Seconds to open a connection.
+        read_timeout_s: Seconds any one socket read or write may wait.
+        min_send_rate_bytes_s: A body slower than this on average makes its attempt
+            overrun its bound (see :meth:`attempt_bound_s`).
+        retry: The retry policy.
+        send_block_bytes: Bytes handed to the socket at a time.
+        max_connections: Kept-alive connections per host.
+    """
 
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 120.0
+    min_send_rate_bytes_s: float = DEFAULT_MIN_SEND_RATE_BYTES_S
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     send_block_bytes: int = 1024 * 1024
     max_connections: int = 32
 
+    def attempt_bound_s(self, body_bytes: int) -> float:
+        """Longest one attempt may take: connect, send ``body_bytes``, read the answer."""
+        return (
+            self.connect_timeout_s + self.read_timeout_s + body_bytes / self.min_send_rate_bytes_s
+        )
+
 
 @dataclass(frozen=True)
 class HttpResult:
-    """What came back: status, headers (lower-case names) and the body, capped."""
+    """What came back: status, headers (lower-case names), the body (capped) and how
+    many attempts it took."""
 
     status_code: int
     headers: Mapping[str, str]
     body: bytes
+    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -129,8 +173,209 @@ class HttpResult:
         return 200 <= self.status_code < 300
 
 
-class _BlockSizeAdapter(requests.adapters.HTTPAdapter):
-    """An HTTPAdapter whose connections send bodies in ``block_bytes`` blocks.
+# -- attempts and their bounds ---------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One Transport call on one thread: its attempts, and whether the last overran."""
+
+    config: TransportConfig
+    watchdog: _Watchdog
+    attempts: int = 0
+    overran: bool = False
+    bound_s: float = 0.0
+
+
+_CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "ctrlupload_call", default=None
+)
+
+
+class _Alarm:
+    __slots__ = ("call", "cancelled", "connection", "deadline", "fired")
+
+    def __init__(self, connection: Any, deadline: float, call: _Call) -> None:
+        self.connection = connection
+        self.deadline = deadline
+        self.call = call
+        self.cancelled = False
+        self.fired = False
+
+
+class _Watchdog:
+    """Shuts down the socket of an attempt that outlives its deadline.
+
+    One daemon thread per transport, started on first use; alarms sit in a heap.
+    Shutting a socket down (not closing it: the owning thread still holds it) makes a
+    blocked send or receive in the owning thread fail at once.
+    """
+
+    #: How soon to look again at an attempt that has no socket yet (still connecting).
+    _RECHECK_S: Final = 0.05
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, connection: Any, bound_s: float, call: _Call) -> _Alarm:
+        alarm = _Alarm(connection, time.monotonic() + bound_s, call)
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(
+                    target=self._run, name="ctrlupload-watchdog", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
+            self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: _Alarm) -> bool:
+        """Cancel the alarm; True if it had already fired."""
+        with self._cond:
+            alarm.cancelled = True
+            return alarm.fired
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                while self._heap and self._heap[0][2].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait_s = self._heap[0][0] - time.monotonic()
+                if wait_s > 0:
+                    self._cond.wait(wait_s)
+                    continue
+                _, _, alarm = heapq.heappop(self._heap)
+                sock = getattr(alarm.connection, "sock", None)
+                if sock is None:
+                    # Still connecting (bounded by the connect timeout): look again soon.
+                    alarm.deadline = time.monotonic() + self._RECHECK_S
+                    heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
+                    continue
+                alarm.fired = True
+                alarm.call.overran = True
+                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would
+                # drop its SSL object under the thread that is using it. OSError: its
+                # owner closed it meanwhile.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _body_length(body: Any) -> int:
+    if body is None:
+        return 0
+    try:
+        return len(body)
+    except TypeError:
+        return 0
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """An urllib3 connection whose attempts are bounded and whose answers arrive whole.
+
+    ``request`` counts the attempt and arms the watchdog. ``getresponse`` reads the
+    answer's body (at most ``MAX_RESPONSE_BYTES``) before returning, so that a failure
+    mid-body happens inside urllib3's retry loop; the response it returns serves the
+    bytes already read.
+    """
+
+    _ctrlupload_alarm: _Alarm | None = None
+
+    def request(self, method: str, url: str, body: Any = None, *args: Any, **kwargs: Any) -> None:
+        call = _CURRENT_CALL.get()
+        if call is not None:
+            call.attempts += 1
+            call.overran = False
+            call.bound_s = call.config.attempt_bound_s(_body_length(body))
+            self._ctrlupload_alarm = call.watchdog.arm(self, call.bound_s, call)
+        try:
+            super().request(method, url, body, *args, **kwargs)
+        except BaseException:
+            self._disarm()
+            raise
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        try:
+            response = super().getresponse()
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_RESPONSE_BYTES:
+                chunk = response.read(_READ_BLOCK_BYTES, decode_content=False)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            whole = size <= MAX_RESPONSE_BYTES
+            body = b"".join(chunks)[:MAX_RESPONSE_BYTES]
+        finally:
+            overran = self._disarm()
+        if overran:
+            # The socket was shut down under this attempt: whatever was parsed from it
+            # (a header cut short reads as the end of the headers) is not an answer.
+            self.close()
+            raise urllib3.exceptions.ReadTimeoutError(
+                None,  # type: ignore[arg-type]
+                response.url or "",
+                "the attempt did not finish within its bound",
+            )
+        if not whole:
+            # The rest is unread: this connection cannot carry another request.
+            response.release_conn()
+            self.close()
+        return urllib3.response.HTTPResponse(
+            body=io.BytesIO(body),
+            headers=response.headers,
+            status=response.status,
+            version=response.version,
+            version_string=response.version_string,
+            reason=response.reason,
+            preload_content=False,
+            decode_content=False,
+            enforce_content_length=False,
+            # Once read whole, the http.client response is closed, which tells urllib3
+            # that this connection can go back to its pool.
+            original_response=response._original_response,
+            request_url=response.url,
+        )
+
+    def _disarm(self) -> bool:
+        """Disarm this attempt's alarm; True if it had fired."""
+        alarm, self._ctrlupload_alarm = self._ctrlupload_alarm, None
+        return alarm is not None and alarm.call.watchdog.disarm(alarm)
+
+
+class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSConnectionPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOL_CLASSES: Final = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose pools use bounded connections with ``block_bytes`` sends.
 
     urllib3 reads a file body 16 KiB at a time by default; larger blocks mean fewer
     syscalls and trips through the interpreter, and more than double loopback
@@ -144,10 +389,14 @@ class _BlockSizeAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **pool_kwargs: Any) -> None:
         pool_kwargs["blocksize"] = self._block_bytes
         super().init_poolmanager(*args, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_POOL_CLASSES)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         proxy_kwargs["blocksize"] = self._block_bytes
-        return super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = dict(_POOL_CLASSES)
+        return manager
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -168,7 +417,7 @@ class Transport:
     """Sends requests through one pooled, retrying session.
 
     Args:
-        config: Timeouts, retry policy, block size and pool size.
+        config: Timeouts, retry policy, attempt bounds, block size and pool size.
         user_agent: The User-Agent header.
     """
 
@@ -183,7 +432,9 @@ class Transport:
         session.verify = _environ_ca_bundle() or True
         session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         session.headers["User-Agent"] = user_agent
-        adapter = _BlockSizeAdapter(
+        # Answers are small and read whole; a compressed one could expand without bound.
+        session.headers["Accept-Encoding"] = "identity"
+        adapter = _Adapter(
             block_bytes=config.send_block_bytes,
             pool_connections=16,
             pool_maxsize=config.max_connections,
@@ -192,6 +443,7 @@ class Transport:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._session = session
+        self._watchdog = _Watchdog()
         self._proxies: dict[tuple[str, str], dict[str, str]] = {}
         self._proxies_lock = threading.Lock()
 
@@ -206,7 +458,14 @@ class Transport:
                 self._proxies[origin] = cached
         return cached
 
-    def post_json(self, url: str, payload: Mapping[str, Any], *, token: str) -> HttpResult:
+    def post_json(
+        self,
+        url: str,
+        payload: Mapping[str, Any],
+        *,
+        token: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> HttpResult:
         """POST a JSON body with a bearer token.
 
         Raises:
@@ -217,7 +476,7 @@ class Transport:
             url,
             json=dict(payload),
             auth=_BearerAuth(token),
-            headers={"Accept": "application/json"},
+            headers={"Accept": "application/json", **(headers or {})},
         )
 
     def put(self, url: str, body: object, headers: Mapping[str, str]) -> HttpResult:
@@ -230,54 +489,42 @@ class Transport:
 
     def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
         logger.debug("%s %s", method, redact_url(url))
+        call = _Call(self.config, self._watchdog)
+        token = _CURRENT_CALL.set(call)
         failure: TransportFailure | None = None
         try:
             kwargs.setdefault("proxies", self._proxies_for(url))
             response = self._session.request(
-                method,
-                url,
-                timeout=self._timeout,
-                allow_redirects=False,
-                stream=True,
-                **kwargs,
+                method, url, timeout=self._timeout, allow_redirects=False, **kwargs
             )
-            try:
-                body = _read_capped(response)
-                headers = {name.lower(): value for name, value in response.headers.items()}
-                return HttpResult(response.status_code, headers, body)
-            finally:
-                response.close()
+            headers = {name.lower(): value for name, value in response.headers.items()}
+            result = HttpResult(
+                response.status_code, headers, response.content, max(1, call.attempts)
+            )
+            response.close()
+            return result
         except (
             requests.RequestException,
             urllib3.exceptions.HTTPError,
             http.client.HTTPException,
             OSError,
         ) as exc:
-            failure = TransportFailure(_describe(exc), _qualified_name(exc))
+            failure = TransportFailure(_describe(exc, call), _qualified_name(exc))
+        finally:
+            _CURRENT_CALL.reset(token)
         # Raised outside the except block so the original exception, whose text holds
         # the URL with its signature, is not kept as __context__ either.
-        assert failure is not None
         raise failure
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection and stop the watchdog."""
         self._session.close()
+        self._watchdog.stop()
 
 
 def _environ_ca_bundle() -> str | None:
     """The CA bundle requests would take from the environment, read once."""
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_content(chunk_size=64 * 1024):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_RESPONSE_BYTES:
-            break
-    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
 
 
 def _qualified_name(exc: BaseException) -> str:
@@ -305,8 +552,13 @@ def _root_cause(exc: BaseException) -> BaseException:
     return current
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, call: _Call) -> str:
     root = _root_cause(exc)
+    attempts = _attempts_text(call.attempts)
+    if call.overran:
+        return (
+            f"timed out: the attempt did not finish within its {call.bound_s:.0f} s bound{attempts}"
+        )
     # requests reports a read timeout that exhausted the retries as a ConnectionError;
     # the root cause tells the truth.
     timed_out = isinstance(root, (TimeoutError, urllib3.exceptions.TimeoutError))
@@ -320,4 +572,8 @@ def _describe(exc: BaseException) -> str:
     else:
         kind = "transport error"
     detail = redact_text(str(root)) or type(root).__name__
-    return f"{kind}: {type(root).__name__}: {detail}"
+    return f"{kind}: {type(root).__name__}: {detail}{attempts}"
+
+
+def _attempts_text(attempts: int) -> str:
+    return f" after {attempts} attempts" if attempts > 1 else ""
