@@ -26,16 +26,16 @@ from ._errors import (
     UploadTooLargeError,
 )
 from ._keys import guess_content_type, render_asset_key, validate_key
-from ._providers import (
+from ._settings import Settings, StorageProvider
+from ._version import __version__
+from .engine import StorageResult
+from .engine._streams import ProgressCallback
+from .providers import (
     BackendPresignedStorageProvider,
     BaseStorageProvider,
     LocalStorageProvider,
-    StorageResult,
     get_storage_provider,
 )
-from ._settings import Settings, StorageProvider
-from ._streams import ProgressCallback
-from ._version import __version__
 
 __all__ = [
     "BackendError",

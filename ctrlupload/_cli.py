@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ._errors import StorageError
 from ._keys import render_asset_key
-from ._providers import BackendPresignedStorageProvider, get_storage_provider
 from ._settings import Settings
 from ._version import __version__
+from .providers import BackendPresignedStorageProvider, get_storage_provider
 
 if TYPE_CHECKING:
     from .server import ReferenceServer

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ._errors import StorageConfigError
-from ._parts import (
+from .protocol._parts import (
     DEFAULT_MULTIPART_THRESHOLD_BYTES,
     DEFAULT_PART_BYTES,
     MAX_PART_BYTES,

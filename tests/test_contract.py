@@ -23,6 +23,7 @@ from ctrlupload import (
     UploadTooLargeError,
     get_storage_provider,
 )
+from ctrlupload.engine._engine import check_size_limit
 from tests.conftest import TOKEN, RecordingProgress, backend_settings
 
 BACKEND = "http://backend.test:8080"
@@ -173,12 +174,9 @@ def test_oversize_fails_before_any_request(mocked, video) -> None:  # type: igno
     assert len(mocked.calls) == 0
 
 
-def test_oversize_message_matches_the_seed(mocked) -> None:  # type: ignore[no-untyped-def]
-    settings = backend_settings(BACKEND, VIDEO_MAX_UPLOAD_BYTES=104857600)
-    with BackendPresignedStorageProvider(settings) as client:
-        client._check_open()
-        with pytest.raises(UploadTooLargeError) as caught:
-            client._check_size(KEY, int(150.5 * 1024 * 1024))
+def test_oversize_message_matches_the_seed() -> None:
+    with pytest.raises(UploadTooLargeError) as caught:
+        check_size_limit(KEY, int(150.5 * 1024 * 1024), 104857600)
     assert caught.value.reason == "File size 150.5MB exceeds limit 100.0MB"
 
 

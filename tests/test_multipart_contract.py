@@ -25,7 +25,7 @@ from ctrlupload import (
     StorageTransferError,
     UploadTooLargeError,
 )
-from ctrlupload._parts import MIB
+from ctrlupload.protocol import MIB
 from tests.conftest import backend_settings
 
 BACKEND = "http://backend.test"

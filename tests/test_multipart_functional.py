@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from ctrlupload import BackendPresignedStorageProvider, Settings, StorageTransferError
-from ctrlupload._parts import MIB
+from ctrlupload.protocol import MIB
 from ctrlupload.server import AssetDB, LocalObjectStore, PresignedPut, ReferenceBackend, WSGIServer
 from tests.conftest import RecordingProgress
 

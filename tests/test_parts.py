@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ctrlupload._errors import StorageTransferError, UploadCancelled
-from ctrlupload._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
-from ctrlupload._parts import (
+from ctrlupload.engine._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
+from ctrlupload.protocol import (
     GIB,
     MAX_PARTS,
     MIB,
@@ -20,7 +20,7 @@ from ctrlupload._parts import (
     multipart_etag,
     plan_parts,
 )
-from ctrlupload._streams import object_source
+from ctrlupload.engine._streams import object_source
 
 
 @pytest.mark.parametrize(

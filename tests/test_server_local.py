@@ -303,8 +303,18 @@ def test_client_presigns_again_after_an_expired_url(make_reference: MakeReferenc
     assert requests.get(result.url, timeout=5).content == b"render bytes"
 
 
+class _ExpiredSigningStore(LocalObjectStore):
+    """Signs URLs that have already expired, while saying they last: a skewed clock."""
+
+    def presign_put(
+        self, key: str, content_type: str, content_length: int, expires_sec: int
+    ) -> PresignedPut:
+        signed = super().presign_put(key, content_type, content_length, -1)
+        return PresignedPut(signed.upload_url, signed.headers, expires_sec)
+
+
 def test_client_reports_an_expired_url_it_cannot_renew(make_reference: MakeReference) -> None:
-    reference = make_reference(expires_sec=-1)
+    reference = make_reference(store_class=_ExpiredSigningStore)
     with pytest.raises(StorageTransferError) as caught:
         reference.client.put_object(b"render bytes", KEY)
     assert "HTTP 403 (AccessDenied: Request has expired)" in str(caught.value)

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from ctrlupload._parts import DEFAULT_PART_BYTES, MAX_PARTS, MIB, multipart_etag
+from ctrlupload.protocol import DEFAULT_PART_BYTES, MAX_PARTS, MIB, multipart_etag
 from ctrlupload.server import (
     AssetDB,
     LocalObjectStore,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctrlupload import SourceFileError
-from ctrlupload._streams import (
+from ctrlupload.engine._streams import (
     FileWindow,
     Md5Hasher,
     ProgressTracker,

@@ -36,7 +36,10 @@ from xml.sax.saxutils import escape
 
 from pydantic import BaseModel, ValidationError
 
-from .._contract import (
+from .._errors import InvalidKeyError, StorageError
+from .._keys import guess_content_type, validate_key
+from .._settings import Settings
+from ..protocol._contract import (
     CompletedPart,
     CompleteRequest,
     DeleteRequest,
@@ -48,16 +51,13 @@ from .._contract import (
     PresignRequest,
     bare_etag,
 )
-from .._errors import InvalidKeyError, StorageError
-from .._keys import guess_content_type, validate_key
-from .._parts import (
+from ..protocol._parts import (
     DEFAULT_PART_BYTES,
     MAX_OBJECT_BYTES,
     MIN_PART_BYTES,
     choose_part_size,
     multipart_etag,
 )
-from .._settings import Settings
 from ._db import AssetDB, UploadRow
 from ._local import IncompleteBody, LocalObjectStore, PartGrant, UploadGrant, UploadRejected
 from ._locks import StripedLocks
@@ -185,6 +185,8 @@ class ReferenceBackend:
             raise ValueError(f"max_object_bytes must be between 0 and {MAX_OBJECT_BYTES}")
         if min_part_bytes < 1:
             raise ValueError("min_part_bytes must be at least 1")
+        if expires_sec < 1:
+            raise ValueError("expires_sec must be at least 1 (the contract's minimum)")
         if not 1 <= max_list_parts <= MAX_LIST_PARTS:
             raise ValueError(f"max_list_parts must be between 1 and {MAX_LIST_PARTS}")
         self._expected_auth = f"Bearer {token}".encode()

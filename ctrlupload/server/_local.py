@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import quote, urlencode
 
-from .._contract import bare_etag
-from .._parts import MAX_PARTS, multipart_etag
+from ..protocol._contract import bare_etag
+from ..protocol._parts import MAX_PARTS, multipart_etag
 from ._locks import StripedLocks
 from ._store import (
     InvalidPart,

@@ -48,8 +48,8 @@ from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 from .._errors import StorageConfigError, StorageError
-from .._parts import MAX_PART_BYTES, MAX_PARTS
 from .._redact import redact_text, redact_url
+from ..protocol._parts import MAX_PART_BYTES, MAX_PARTS
 from ._store import (
     MAX_LIST_PARTS,
     InvalidPart,

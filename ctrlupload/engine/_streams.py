@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
-from ._errors import SourceFileError, UploadCancelled
+from .._errors import SourceFileError, UploadCancelled
 
 logger = logging.getLogger("ctrlupload")
 

@@ -22,9 +22,22 @@ from pydantic import (
 
 __all__ = [
     "CompleteRequest",
+    "CompletedPart",
     "DeleteRequest",
+    "ListedPart",
+    "MultipartAbortRequest",
+    "MultipartCompleteRequest",
+    "MultipartCompleteResponse",
+    "MultipartInitiateRequest",
+    "MultipartInitiateResponse",
+    "MultipartListRequest",
+    "MultipartListResponse",
+    "MultipartPresignRequest",
+    "MultipartPresignResponse",
     "PresignRequest",
     "PresignResponse",
+    "PresignedPart",
+    "ResponseModel",
     "StatusResponse",
     "bare_etag",
     "parse_response",
@@ -83,7 +96,7 @@ class PresignResponse(_Response):
     upload_url: UploadUrl = Field(repr=False)
     public_url: str
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
-    expires_sec: int | None = None
+    expires_sec: JsonInt | None = Field(default=None, ge=1)
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -131,7 +144,8 @@ def parse_response(model: type[ResponseT], payload: Any) -> tuple[ResponseT | No
     if not isinstance(payload, dict):
         return None, f"response is JSON but not an object ({type(payload).__name__})"
     try:
-        return model.model_validate(payload), ""
+        # Strict: a number in a string, or a string for a number, breaks the contract.
+        return model.model_validate(payload, strict=True), ""
     except ValidationError as exc:
         error = exc.errors(include_input=False, include_url=False)[0]
         field = ".".join(str(part) for part in error["loc"]) or "body"
@@ -160,8 +174,8 @@ class MultipartInitiateResponse(_Response):
     """Answer of ``POST multipart/initiate``."""
 
     upload_id: str = Field(min_length=1)
-    part_size: int = Field(ge=1)
-    expires_sec: int | None = None
+    part_size: JsonInt = Field(ge=1)
+    expires_sec: JsonInt | None = Field(default=None, ge=1)
 
 
 class MultipartPresignRequest(_Request):
@@ -175,7 +189,7 @@ class MultipartPresignRequest(_Request):
 class PresignedPart(_Response):
     """One signed part upload."""
 
-    part_number: int = Field(ge=1, le=10_000)
+    part_number: JsonInt = Field(ge=1, le=10_000)
     upload_url: UploadUrl = Field(repr=False)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
 
@@ -184,7 +198,7 @@ class MultipartPresignResponse(_Response):
     """Answer of ``POST multipart/presign-parts``."""
 
     parts: list[PresignedPart]
-    expires_sec: int | None = None
+    expires_sec: JsonInt | None = Field(default=None, ge=1)
 
 
 class MultipartListRequest(_Request):
@@ -198,9 +212,9 @@ class MultipartListRequest(_Request):
 class ListedPart(_Response):
     """A part the store already holds."""
 
-    part_number: int = Field(ge=1, le=10_000)
+    part_number: JsonInt = Field(ge=1, le=10_000)
     etag: str
-    size_bytes: int = Field(ge=0)
+    size_bytes: JsonInt = Field(ge=0)
 
 
 class MultipartListResponse(_Response):
@@ -208,7 +222,7 @@ class MultipartListResponse(_Response):
 
     parts: list[ListedPart]
     is_truncated: bool = False
-    next_part_number_marker: int | None = None
+    next_part_number_marker: JsonInt | None = None
 
 
 class CompletedPart(_Request):

@@ -1,0 +1,127 @@
+"""The signer seam: everything the upload engine needs from whoever holds the credentials.
+
+The engine moves bytes; a signer decides where they may go. ``BackendSigner`` asks a
+backend over HTTP (the seed's contract and its multipart extension); a signer that
+holds S3 credentials itself can presign in-process. Either plugs into the same engine.
+
+A signer is thread-safe: the engine calls it from part threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "CompletedUpload",
+    "MultipartUpload",
+    "SignedPut",
+    "Signer",
+    "StoredPart",
+]
+
+
+@dataclass(frozen=True)
+class SignedPut:
+    """One presigned PUT. The URL and headers are credentials: neither is in the repr.
+
+    Attributes:
+        url: Where to PUT.
+        headers: Headers to send exactly as given (they may be signed).
+        expires_at: Epoch seconds until which the URL works, when the signer knows it.
+        public_url: Where the object will be served (whole-object PUTs).
+    """
+
+    url: str = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False, default_factory=dict)
+    expires_at: float | None = None
+    public_url: str = ""
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """A started multipart upload: its id and the part size its parts are signed for."""
+
+    upload_id: str
+    part_size: int
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part storage holds already: number, ETag (quotes included) and size."""
+
+    part_number: int
+    etag: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class CompletedUpload:
+    """What completing a multipart upload answered: the public URL and final ETag."""
+
+    public_url: str
+    etag: str
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """Presigns uploads and keeps the books; the engine does everything else.
+
+    Every method raises a :class:`~ctrlupload.StorageUploadError` subclass (usually
+    :class:`~ctrlupload.BackendError`) with the seed's message shape, and retries
+    nothing that its transport already retries.
+    """
+
+    def presign_put(self, key: str, content_type: str, size_bytes: int) -> SignedPut:
+        """Sign one PUT of the whole object."""
+        ...
+
+    def complete(
+        self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
+    ) -> None:
+        """Record the stored object (an idempotent upsert)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object and its record; a missing one is not an error."""
+        ...
+
+    def initiate(
+        self, key: str, content_type: str, size_bytes: int, part_size: int
+    ) -> MultipartUpload | None:
+        """Start a multipart upload; None when this signer offers none (use one PUT).
+
+        ``part_size`` is a preference; the answer's part size is the one to use. A
+        lost answer must not leave a second upload behind when the call is retried.
+        """
+        ...
+
+    def presign_parts(
+        self, key: str, upload_id: str, part_numbers: Sequence[int]
+    ) -> Mapping[int, SignedPut]:
+        """Sign a PUT for each of these parts (every number gets one, or it raises)."""
+        ...
+
+    def list_parts(self, key: str, upload_id: str) -> list[StoredPart] | None:
+        """Every part storage holds for the upload, all pages; None if it is gone."""
+        ...
+
+    def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        size_bytes: int,
+        content_type: str,
+    ) -> CompletedUpload:
+        """Assemble ``(part_number, etag)`` pairs, ascending, and record the object."""
+        ...
+
+    def abort(self, key: str, upload_id: str) -> None:
+        """Drop the upload and its parts; an unknown upload is not an error."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...

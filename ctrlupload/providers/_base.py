@@ -1,0 +1,198 @@
+"""What every provider shares: the interface, argument checks and the context manager.
+
+Thread safety: a provider's configuration is frozen at construction and it may be
+shared by any number of threads. Its only mutable state is its closed flag (set once
+by :meth:`close`) and, for engine providers, what the engine learned about its signer
+(see :mod:`ctrlupload.engine`). Per call it creates its own source reader, file
+window, hasher and progress tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import BinaryIO, Protocol, Self, runtime_checkable
+
+from .._errors import StorageError, StorageUploadError
+from .._keys import guess_content_type, validate_key
+from .._settings import Settings
+from ..engine._engine import StorageResult
+from ..engine._streams import (
+    CallbackFailed,
+    ProgressCallback,
+    SourceReader,
+    object_source,
+    open_source,
+)
+
+__all__ = ["BaseStorageProvider", "ObjectData", "ProviderBase"]
+
+ObjectData = bytes | bytearray | memoryview | BinaryIO
+
+
+@runtime_checkable
+class BaseStorageProvider(Protocol):
+    """The interface every provider implements."""
+
+    def put_file(
+        self,
+        path: str | os.PathLike[str],
+        key: str,
+        content_type: str | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        resume: bool = False,
+    ) -> StorageResult:
+        """Upload a file from disk; see the concrete providers."""
+        ...
+
+    def put_object(
+        self,
+        data: ObjectData,
+        key: str,
+        content_type: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> StorageResult:
+        """Upload bytes or a seekable binary file object; see the concrete providers."""
+        ...
+
+    def get_url(self, key: str) -> str:
+        """Return the public URL of ``key``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and other resources."""
+        ...
+
+    def __enter__(self) -> Self:
+        """Use the provider as a context manager; it is closed on exit."""
+        ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the provider."""
+        ...
+
+
+class ProviderBase:
+    """What both providers share: argument checks, the size limit, the context manager."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release resources; the provider cannot be used afterwards."""
+        self._closed = True
+
+    def put_file(
+        self,
+        path: str | os.PathLike[str],
+        key: str,
+        content_type: str | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        resume: bool = False,
+    ) -> StorageResult:
+        """Upload the file at ``path`` as ``key``.
+
+        Args:
+            path: The file to upload; it is streamed, never read whole.
+            key: The object key; checked against the key rules first.
+            content_type: Defaults to a type guessed from the key's extension.
+            progress: ``progress(bytes_done, bytes_total)``, possibly from several
+                threads (multipart); see the README for its guarantees.
+            resume: Upload in parts and keep a checkpoint under ``STORAGE_RESUME_DIR``,
+                so that a process that died mid-upload sends only the missing parts when
+                it calls again (backend provider; the local provider ignores it).
+
+        Returns:
+            The stored object.
+
+        Raises:
+            StorageUploadError: Any failure, as the subclass that says what failed.
+        """
+        key, content_type = self._prepare(key, content_type)
+        resume_path = os.path.abspath(path) if resume else None
+        with open_source(key, path) as source, _callback_errors_unwrapped():
+            return self._store(source, key, content_type, progress, resume_path)
+
+    def put_object(
+        self,
+        data: ObjectData,
+        key: str,
+        content_type: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> StorageResult:
+        """Upload bytes, or a seekable binary file object from its current position.
+
+        Args:
+            data: ``bytes``-like, or a binary file object that can ``seek`` and ``tell``.
+            key: The object key; checked against the key rules first.
+            content_type: Defaults to a type guessed from the key's extension.
+            progress: As for :meth:`put_file`.
+
+        Returns:
+            The stored object.
+
+        Raises:
+            StorageUploadError: Any failure, as the subclass that says what failed.
+        """
+        key, content_type = self._prepare(key, content_type)
+        with object_source(key, data) as source, _callback_errors_unwrapped():
+            return self._store(source, key, content_type, progress)
+
+    def _prepare(self, key: str, content_type: str | None) -> tuple[str, str]:
+        self._check_open()
+        validate_key(key)
+        if content_type is None:
+            content_type = guess_content_type(key)
+        elif not content_type or any(ord(c) < 0x20 or ord(c) == 0x7F for c in content_type):
+            raise StorageUploadError(
+                key, f"Invalid content type {content_type!r}", phase="validate"
+            )
+        return key, content_type
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"{type(self).__name__} is closed")
+
+    def _store(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        progress: ProgressCallback | None,
+        resume_path: str | None = None,
+    ) -> StorageResult:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _callback_errors_unwrapped() -> Iterator[None]:
+    """Re-raise the progress callback's own exception, unchanged, to the caller."""
+    try:
+        yield
+    except CallbackFailed as failed:
+        raise failed.error from None
