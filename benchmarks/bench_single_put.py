@@ -28,6 +28,14 @@ stops the clock.
 
 The fake servers run in a separate process so they do not share the client's GIL;
 the client's CPU time (``getrusage``) is then the client alone.
+
+``--tls``: nginx also listens with TLS, on a throwaway self-signed certificate for
+127.0.0.1 made at run time in the scratch dir (``openssl`` CLI, else the
+``cryptography`` package). The large-file upload URLs then are https, ctrlupload trusts
+the certificate through ``REQUESTS_CA_BUNDLE`` (read once per Transport, so it is set
+before any provider exists) and curl through ``--cacert``. Sections 1 to 3 then run over
+https; a plain-http curl round is added as a reference for the cost of TLS. Section 4
+(small objects against the Python ``StorageSink``) stays on plain http.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ NGINX = "/usr/sbin/nginx"
 BIG_KEY = "videos/V-BENCH/S-1/{job}/video.mp4"
 MD5_TARGET = 0.9
 RSS_TARGET_MIB = 64.0
+TLS_HOST = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -130,6 +139,34 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def ktls_facts() -> dict[str, Any]:
+    """Whether kernel TLS could carry sendfile over TLS here (the benchmark does not use
+    it): Python's ``ssl.OP_ENABLE_KTLS`` (3.12+) and whether a connected TCP socket
+    accepts the kernel's ``tls`` upper-layer protocol (``TCP_ULP``)."""
+    import ssl
+
+    tcp_ulp = getattr(socket, "TCP_ULP", 31)  # 31 on Linux; Python 3.11 lacks the name
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()[:2], 5) as client,
+    ):
+        conn, _ = server.accept()
+        with conn:
+            try:
+                client.setsockopt(socket.IPPROTO_TCP, tcp_ulp, b"tls")
+                kernel_tls = "available (TCP_ULP tls accepted)"
+            except OSError as exc:
+                kernel_tls = f"unavailable (TCP_ULP tls: {exc.strerror or exc})"
+    return {"op_enable_ktls": getattr(ssl, "OP_ENABLE_KTLS", None), "kernel_tls": kernel_tls}
+
+
 def machine_facts() -> dict[str, Any]:
     """The shared machine facts, plus the baseline tools this benchmark compares with."""
     curl_version = subprocess.run(
@@ -173,6 +210,109 @@ def md5_speed(path: Path, size: int) -> tuple[float, str]:
     return elapsed, digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway self-signed certificate for 127.0.0.1 and its key, and how they
+    were made."""
+
+    cert: Path
+    key: Path
+    tool: str
+
+
+def make_self_signed_cert(folder: Path) -> TlsFiles:
+    """Write a self-signed P-256 certificate valid for IP 127.0.0.1 (and CN=127.0.0.1)
+    into ``folder``, with the ``openssl`` CLI if there is one, else ``cryptography``."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        out = subprocess.run(
+            [
+                openssl, "req", "-x509", "-newkey", "ec",
+                "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                "-subj", f"/CN={TLS_HOST}",
+                "-addext", f"subjectAltName=IP:{TLS_HOST}",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"openssl req failed ({out.returncode}): {out.stderr.strip()}")
+        version = subprocess.run(
+            [openssl, "version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        return TlsFiles(cert, key, f"openssl CLI ({version})")
+    try:
+        import datetime as dt
+        import ipaddress
+
+        from cryptography import __version__ as cryptography_version
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        raise RuntimeError("--tls needs the openssl CLI or the cryptography package") from None
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_HOST)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(TLS_HOST))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return TlsFiles(cert, key, f"cryptography {cryptography_version}")
+
+
+def tls_session_facts(port: int, cert: Path) -> dict[str, Any]:
+    """What a Python client (ctrlupload's OpenSSL) and curl negotiate with nginx."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(cert))
+    with (
+        socket.create_connection((TLS_HOST, port), 5) as raw,
+        context.wrap_socket(raw, server_hostname=TLS_HOST) as tls,
+    ):
+        python_facts = {"version": tls.version(), "cipher": tls.cipher()}
+    out = subprocess.run(
+        ["curl", "-sS", "-v", "--cacert", str(cert), "-o", "/dev/null",
+         "-T", "/dev/null", f"https://{TLS_HOST}:{port}/warmup-probe"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    curl_lines = [
+        line.lstrip("* ").strip()
+        for line in out.stderr.splitlines()
+        if "SSL connection using" in line or "ALPN" in line
+    ]
+    return {"python_ssl": python_facts, "curl": curl_lines, "curl_returncode": out.returncode}
+
+
 # --------------------------------------------------------------------------- nginx sink
 
 
@@ -203,7 +343,7 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
-        client_max_body_size 0;
+{tls_directives}        client_max_body_size 0;
         client_body_buffer_size 1m;
 
         location / {{
@@ -218,16 +358,47 @@ http {{
 """
 
 
-class NginxSink:
-    """nginx in the foreground as a subprocess, answering every PUT with a fixed ETag."""
+NGINX_TLS_DIRECTIVES = """\
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+"""
 
-    def __init__(self, workdir: Path, md5_hex: str, small_md5_hex: str) -> None:
+
+class NginxSink:
+    """nginx in the foreground as a subprocess, answering every PUT with a fixed ETag.
+
+    With ``tls``, the same server also listens with TLS on ``tls_port``, and
+    ``upload_base_url`` is the https one.
+    """
+
+    def __init__(
+        self, workdir: Path, md5_hex: str, small_md5_hex: str, tls: TlsFiles | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.tls_port: int | None = None
+        self.https_url: str | None = None
+        tls_directives = ""
+        if tls is not None:
+            self.tls_port = _free_port()
+            self.https_url = f"https://{TLS_HOST}:{self.tls_port}"
+            tls_directives = NGINX_TLS_DIRECTIVES.format(
+                tls_port=self.tls_port, cert=tls.cert, key=tls.key
+            )
+        self.upload_base_url = self.https_url or self.base_url
         self.conf = workdir / "nginx.conf"
         self.conf.write_text(
-            NGINX_CONF.format(tmp=workdir, port=self.port, md5=md5_hex, small_md5=small_md5_hex)
+            NGINX_CONF.format(
+                tmp=workdir,
+                port=self.port,
+                md5=md5_hex,
+                small_md5=small_md5_hex,
+                tls_directives=tls_directives,
+            )
         )
         self._proc: subprocess.Popen[bytes] | None = None
         self.worker_pid: int | None = None
@@ -251,6 +422,8 @@ class NginxSink:
         proc = self._proc
         try:
             _wait_for_port(self.port, 10.0, lambda: proc.poll() is None)
+            if self.tls_port is not None:
+                _wait_for_port(self.tls_port, 10.0, lambda: proc.poll() is None)
         except RuntimeError:
             self.__exit__(None, None, None)
             errors = (self.workdir / "error.log").read_text(errors="replace")
@@ -402,15 +575,22 @@ def bench_large(
     }
     counter = iter(range(10**9))
 
-    def curl() -> None:
-        out = subprocess.run(
-            ["curl", "-sS", "-T", str(big_file), "-o", "/dev/null", f"{nginx.base_url}/x"],
-            capture_output=True,
-            text=True,
-            check=False,
+    def curl_to(base_url: str) -> Callable[[], None]:
+        tls_args = (
+            ["--cacert", str(nginx.tls.cert)]
+            if nginx.tls is not None and base_url.startswith("https:")
+            else []
         )
-        if out.returncode != 0:
-            raise RuntimeError(f"curl failed ({out.returncode}): {out.stderr.strip()}")
+        command = ["curl", "-sS", *tls_args, "-T", str(big_file), "-o", "/dev/null"]
+
+        def run() -> None:
+            out = subprocess.run(
+                [*command, f"{base_url}/x"], capture_output=True, text=True, check=False
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"curl failed ({out.returncode}): {out.stderr.strip()}")
+
+        return run
 
     def ours(name: str) -> Callable[[], None]:
         provider = providers[name]
@@ -429,8 +609,22 @@ def bench_large(
         "ours_block_16k": "put_file, 16 KiB blocks (urllib3 default), MD5 on",
         "ours_block_16k_md5_off": "put_file, 16 KiB blocks, MD5 off",
     }
-    variants = [Variant("curl", "curl -T (reference)", curl)]
+    scheme = "https" if nginx.https_url is not None else "http"
+    if scheme == "https":
+        labels = {name: f"{label}, https" for name, label in labels.items()}
+    variants = [
+        Variant(
+            "curl",
+            "curl -T (reference)" if scheme == "http" else "curl -T --cacert, https (reference)",
+            curl_to(nginx.upload_base_url),
+        )
+    ]
     variants += [Variant(name, labels[name], ours(name)) for name in configs]
+    if scheme == "https":
+        # Plain http to the same nginx, for the cost of TLS; "vs curl" stays https curl.
+        variants.append(
+            Variant("curl_plain_http", "curl -T, plain http (TLS cost)", curl_to(nginx.base_url))
+        )
     try:
         for name, provider in providers.items():
             provider.put_file(tiny_file, BIG_KEY.format(job=f"{name}-warmup"))
@@ -455,7 +649,7 @@ def bench_large(
                 elapsed = time.perf_counter() - started
                 client_cpu = (
                     _children_cpu_s() - cpu_children
-                    if variant.name == "curl"
+                    if variant.name.startswith("curl")
                     else _self_cpu_s() - cpu_self
                 )
                 nginx_cpu = nginx.worker_cpu_s() - cpu_nginx
@@ -479,6 +673,7 @@ def bench_large(
         median_s = _median(variant.seconds)
         results[variant.name] = {
             "label": variant.label,
+            "scheme": "http" if variant.name == "curl_plain_http" else scheme,
             "seconds": variant.seconds,
             "median_s": median_s,
             "median_gib_s": size / GIB / median_s,
@@ -644,6 +839,8 @@ def render(report: dict[str, Any]) -> str:
     small = report["small_objects"]
     size_mib = params["size_mib"]
     per_round = md5["ratio_on_vs_md5_per_round"] or [float("nan")]
+    tls = report.get("tls")
+    over = " over https (TLS)" if tls else ""
     lines = [
         f"# bench_single_put ({facts['date']})",
         "",
@@ -652,9 +849,23 @@ def render(report: dict[str, Any]) -> str:
         f"urllib3 {facts['urllib3']}, ctrlupload {facts['ctrlupload']}; {facts['curl']}; "
         f"{facts['nginx']}",
         "",
-        f"## 1. Throughput: {size_mib} MiB random file to loopback nginx "
+        f"## 1. Throughput: {size_mib} MiB random file to loopback nginx{over} "
         f"(median of {params['rounds']} interleaved rounds)",
         "",
+    ]
+    if tls:
+        session = tls["session"]
+        python_ssl = session["python_ssl"]
+        lines += [
+            f"TLS: self-signed P-256 certificate for {TLS_HOST} made with {tls['cert_tool']}; "
+            f"ctrlupload trusts it via REQUESTS_CA_BUNDLE, curl via --cacert. Negotiated: "
+            f"Python ssl {python_ssl['version']} {python_ssl['cipher'][0]}; "
+            f"curl {'; '.join(session['curl']) or 'unknown'}. "
+            f"kTLS: ssl.OP_ENABLE_KTLS={tls['op_enable_ktls']}, "
+            f"kernel TLS {tls['kernel_tls']}.",
+            "",
+        ]
+    lines += [
         "| variant | median s | GiB/s | vs curl | client CPU s | nginx CPU s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -666,7 +877,7 @@ def render(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## 2. MD5 check cost",
+        f"## 2. MD5 check cost{over}",
         "",
         "| measure | GiB/s |",
         "|---|---:|",
@@ -679,7 +890,7 @@ def render(report: dict[str, Any]) -> str:
         f"{'met' if md5['target_met'] else 'MISSED'}); "
         f"ours(MD5 on) / ours(MD5 off) = {md5['ratio_on_vs_off']:.2f}",
         "",
-        f"## 3. Peak RSS growth uploading {size_mib} MiB (fresh interpreter)",
+        f"## 3. Peak RSS growth uploading {size_mib} MiB{over} (fresh interpreter)",
         "",
         "| variant | ru_maxrss baseline MiB | ru_maxrss peak MiB | growth MiB "
         "| VmRSS at baseline MiB | VmRSS sampled peak MiB | sampled growth MiB |",
@@ -729,6 +940,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="where to put the test files (default: a temp dir)"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="upload the large file over https (nginx with a throwaway self-signed cert)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("curl") is None or not os.access(NGINX, os.X_OK):
         parser.error(f"needs curl on PATH and {NGINX}")
@@ -752,8 +968,27 @@ def main(argv: list[str] | None = None) -> int:
 
         nginx_dir = workdir / "nginx"
         nginx_dir.mkdir()
-        nginx = stack.enter_context(NginxSink(nginx_dir, md5_hex, small_md5_hex))
-        doubles = Doubles(nginx.base_url)
+        tls_files: TlsFiles | None = None
+        tls_report: dict[str, Any] | None = None
+        if args.tls:
+            tls_files = make_self_signed_cert(nginx_dir)
+            # Read once when a Transport is built: set before any provider exists. The
+            # RSS child inherits it. Restored when the run ends.
+            previous = os.environ.get("REQUESTS_CA_BUNDLE")
+            os.environ["REQUESTS_CA_BUNDLE"] = str(tls_files.cert)
+            stack.callback(_restore_env, "REQUESTS_CA_BUNDLE", previous)
+        nginx = stack.enter_context(NginxSink(nginx_dir, md5_hex, small_md5_hex, tls_files))
+        if tls_files is not None:
+            assert nginx.tls_port is not None
+            tls_report = {
+                "cert_tool": tls_files.tool,
+                "upload_base_url": nginx.upload_base_url,
+                "ca_bundle_env": "REQUESTS_CA_BUNDLE",
+                "session": tls_session_facts(nginx.tls_port, tls_files.cert),
+                **ktls_facts(),
+            }
+            print(f"tls: {json.dumps(tls_report)}", file=sys.stderr)
+        doubles = Doubles(nginx.upload_base_url)
         stack.callback(doubles.close)
 
         md5_runs: list[float] = []
@@ -775,7 +1010,10 @@ def main(argv: list[str] | None = None) -> int:
             "small_count": args.small_count,
             "small_kib": args.small_kib,
             "small_threads": args.small_threads,
+            "tls": bool(args.tls),
         },
+        "upload_scheme": "https" if args.tls else "http",
+        "tls": tls_report,
         "throughput": throughput,
         "md5": {
             "seconds": md5_runs,
