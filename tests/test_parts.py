@@ -9,6 +9,7 @@ import pytest
 
 from ctrlupload._errors import StorageTransferError, UploadCancelled
 from ctrlupload.engine._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
+from ctrlupload.engine._streams import object_source
 from ctrlupload.protocol import (
     GIB,
     MAX_PARTS,
@@ -20,7 +21,6 @@ from ctrlupload.protocol import (
     multipart_etag,
     plan_parts,
 )
-from ctrlupload.engine._streams import object_source
 
 
 @pytest.mark.parametrize(

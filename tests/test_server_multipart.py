@@ -1142,3 +1142,69 @@ def test_registry_forgets_completions_after_a_week(
 
     assert sorted(row.upload_id for row in db.uploads()) == ["new", "pending"]
     db.close()
+
+
+# -- initiate's Idempotency-Key ------------------------------------------------------------
+
+
+def _initiate_with_key(
+    local: Local, idempotency_key: str, length: int = 11 * MIB
+) -> requests.Response:
+    return requests.post(
+        f"{local.api.base_url}{PREFIX}/initiate",
+        json={"object_key": KEY, "content_type": "video/mp4", "content_length": length},
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": idempotency_key},
+        timeout=TIMEOUT_S,
+    )
+
+
+def test_initiate_repeated_with_its_idempotency_key_answers_the_same_upload(
+    make_local: MakeLocal,
+) -> None:
+    local = make_local()
+    first = _initiate_with_key(local, "key-1")
+    again = _initiate_with_key(local, "key-1")
+    other = _initiate_with_key(local, "key-2")
+    assert first.status_code == again.status_code == other.status_code == 200
+    assert again.json() == first.json()
+    assert other.json()["upload_id"] != first.json()["upload_id"]
+    assert len(local.db.uploads()) == 2
+    assert len(local.upload_dirs()) == 2
+
+
+def test_initiate_without_a_key_starts_a_new_upload_every_time(make_local: MakeLocal) -> None:
+    local = make_local()
+    ids = {local.api.initiate(KEY, 11 * MIB)["upload_id"] for _ in range(2)}
+    assert len(ids) == 2
+
+
+def test_an_idempotency_key_reused_with_another_body_is_refused(make_local: MakeLocal) -> None:
+    local = make_local()
+    assert _initiate_with_key(local, "key-1").status_code == 200
+    reused = _initiate_with_key(local, "key-1", length=12 * MIB)
+    assert reused.status_code == 422
+    assert reused.json()["error"] == "idempotency_key_reused"
+    assert len(local.db.uploads()) == 1
+
+
+def test_an_idempotency_key_of_an_aborted_upload_starts_a_new_one(make_local: MakeLocal) -> None:
+    local = make_local()
+    first = _initiate_with_key(local, "key-1").json()
+    local.api.post("abort", object_key=KEY, upload_id=first["upload_id"])
+    again = _initiate_with_key(local, "key-1")
+    assert again.status_code == 200
+    assert again.json()["upload_id"] != first["upload_id"]
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, "has space", "ümlaut"])
+def test_a_malformed_idempotency_key_is_a_bad_request(make_local: MakeLocal, bad: str) -> None:
+    local = make_local()
+    answer = requests.post(
+        f"{local.api.base_url}{PREFIX}/initiate",
+        json={"object_key": KEY, "content_type": "video/mp4", "content_length": 1},
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": bad.encode("utf-8")},  # type: ignore[dict-item]
+        timeout=TIMEOUT_S,
+    )
+    assert answer.status_code == 400
+    assert "Idempotency-Key" in answer.json()["message"]
+    assert local.db.uploads() == []

@@ -129,6 +129,7 @@ _REASONS: Final = {
     405: "Method Not Allowed",
     409: "Conflict",
     411: "Length Required",
+    422: "Unprocessable Content",
     500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
@@ -201,15 +202,16 @@ class ReferenceBackend:
         # Orders complete and abort of one upload: a retried complete waits for the
         # first one and then answers from the registry.
         self._upload_lock = StripedLocks()
-        self._api: dict[str, Callable[[Any], dict[str, Any]]] = {
-            self.paths.presign: self._presign,
-            self.paths.complete: self._complete,
-            self.paths.delete: self._delete,
+        self._initiate_lock = StripedLocks()
+        self._api: dict[str, Callable[[Any, Environ], dict[str, Any]]] = {
+            self.paths.presign: lambda request, _: self._presign(request),
+            self.paths.complete: lambda request, _: self._complete(request),
+            self.paths.delete: lambda request, _: self._delete(request),
             self.paths.multipart_initiate: self._multipart_initiate,
-            self.paths.multipart_presign: self._multipart_presign,
-            self.paths.multipart_list: self._multipart_list,
-            self.paths.multipart_complete: self._multipart_complete,
-            self.paths.multipart_abort: self._multipart_abort,
+            self.paths.multipart_presign: lambda request, _: self._multipart_presign(request),
+            self.paths.multipart_list: lambda request, _: self._multipart_list(request),
+            self.paths.multipart_complete: lambda request, _: self._multipart_complete(request),
+            self.paths.multipart_abort: lambda request, _: self._multipart_abort(request),
         }
         self._models: dict[str, type[BaseModel]] = {
             self.paths.presign: PresignRequest,
@@ -301,7 +303,7 @@ class ReferenceBackend:
             validate_key(request.object_key)  # type: ignore[attr-defined]
         except InvalidKeyError as exc:
             raise _HttpError(400, "bad_request", f"object_key: {exc.reason}") from None
-        return _json(start_response, 200, self._api[path](request))
+        return _json(start_response, 200, self._api[path](request, environ))
 
     def _presign(self, request: PresignRequest) -> dict[str, Any]:
         if request.content_length > self.max_content_length:
@@ -367,7 +369,36 @@ class ReferenceBackend:
             )
         return row
 
-    def _multipart_initiate(self, request: MultipartInitiateRequest) -> dict[str, Any]:
+    def _multipart_initiate(
+        self, request: MultipartInitiateRequest, environ: Environ
+    ) -> dict[str, Any]:
+        idempotency_key = _idempotency_key(environ)
+        if idempotency_key is None:
+            return self._start_upload(request, None, "")
+        digest = hashlib.sha256(request.model_dump_json().encode("utf-8")).hexdigest()
+        # One call per key at a time: a retry that races the call it repeats waits for it.
+        with self._initiate_lock(idempotency_key):
+            earlier = self.db.initiated_with(idempotency_key)
+            if earlier is not None:
+                earlier_digest, upload_id = earlier
+                if earlier_digest != digest:
+                    raise _HttpError(
+                        422,
+                        "idempotency_key_reused",
+                        "Idempotency-Key was used for another request",
+                    )
+                row = self.db.get_upload(upload_id)
+                if row is not None and not row.completed:
+                    logger.info("initiate repeated with its Idempotency-Key: upload %s", upload_id)
+                    return self._initiate_answer(row.upload_id, row.part_size)
+            return self._start_upload(request, idempotency_key, digest)
+
+    def _initiate_answer(self, upload_id: str, part_size: int) -> dict[str, Any]:
+        return {"upload_id": upload_id, "part_size": part_size, "expires_sec": self.expires_sec}
+
+    def _start_upload(
+        self, request: MultipartInitiateRequest, idempotency_key: str | None, digest: str
+    ) -> dict[str, Any]:
         if request.content_length > self.max_object_bytes:
             raise _HttpError(
                 400,
@@ -388,11 +419,13 @@ class ReferenceBackend:
                 request.content_type,
                 request.content_length,
                 part_size,
+                idempotency_key=idempotency_key,
+                request_digest=digest,
             )
         except BaseException:
             self.store.abort_multipart(request.object_key, upload_id)
             raise
-        return {"upload_id": upload_id, "part_size": part_size, "expires_sec": self.expires_sec}
+        return self._initiate_answer(upload_id, part_size)
 
     def _multipart_presign(self, request: MultipartPresignRequest) -> dict[str, Any]:
         row = self._pending_upload(request.object_key, request.upload_id)
@@ -668,6 +701,19 @@ class ReferenceBackend:
             handle.close()
             return []
         return _file_blocks(handle)
+
+
+def _idempotency_key(environ: Environ) -> str | None:
+    """The request's Idempotency-Key: 1 to 255 visible ASCII characters, or None."""
+    value = environ.get("HTTP_IDEMPOTENCY_KEY")
+    if value is None:
+        return None
+    text = str(value)
+    if not 1 <= len(text) <= 255 or not all("!" <= char <= "~" for char in text):
+        raise _HttpError(
+            400, "bad_request", "Idempotency-Key must be 1 to 255 visible ASCII characters"
+        )
+    return text
 
 
 def _no_such_upload(object_key: str, upload_id: str) -> _HttpError:

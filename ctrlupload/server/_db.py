@@ -44,6 +44,16 @@ CREATE TABLE IF NOT EXISTS multipart_uploads (
 )
 """
 
+# Initiate calls that carried an Idempotency-Key: a retry answers the same upload.
+_IDEMPOTENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS initiate_keys (
+    idempotency_key TEXT PRIMARY KEY,
+    request_digest  TEXT NOT NULL,
+    upload_id       TEXT NOT NULL,
+    created_at      TEXT NOT NULL
+)
+"""
+
 _UPLOAD_COLUMNS = (
     "upload_id, object_key, content_type, content_length, part_size, created_at,"
     " completed_at, completed_etag, completed_digest"
@@ -51,6 +61,8 @@ _UPLOAD_COLUMNS = (
 
 #: How long a completed upload's row is kept to answer a repeated complete.
 COMPLETED_UPLOAD_RETENTION_S: Final = 7 * 24 * 3600
+#: How long an initiate's Idempotency-Key is remembered.
+IDEMPOTENCY_KEY_RETENTION_S: Final = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class AssetDB:
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.execute(_SCHEMA)
         self._conn.execute(_UPLOADS_SCHEMA)
+        self._conn.execute(_IDEMPOTENCY_SCHEMA)
 
     def upsert(
         self, object_key: str, etag: str, size_bytes: int, content_type: str, public_url: str
@@ -186,18 +199,55 @@ class AssetDB:
         content_type: str,
         content_length: int,
         part_size: int,
+        *,
+        idempotency_key: str | None = None,
+        request_digest: str = "",
     ) -> UploadRow:
-        """Record a multipart upload just started."""
-        row = UploadRow(
-            upload_id, object_key, content_type, content_length, part_size, _stamp(_now())
-        )
+        """Record a multipart upload just started, and the key of the call that did.
+
+        Keys older than :data:`IDEMPOTENCY_KEY_RETENTION_S` are dropped on the way.
+        """
+        now = _now()
+        row = UploadRow(upload_id, object_key, content_type, content_length, part_size, _stamp(now))
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO multipart_uploads (upload_id, object_key, content_type,"
-                " content_length, part_size, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (upload_id, object_key, content_type, content_length, part_size, row.created_at),
-            )
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "INSERT INTO multipart_uploads (upload_id, object_key, content_type,"
+                    " content_length, part_size, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        upload_id,
+                        object_key,
+                        content_type,
+                        content_length,
+                        part_size,
+                        row.created_at,
+                    ),
+                )
+                if idempotency_key is not None:
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO initiate_keys (idempotency_key,"
+                        " request_digest, upload_id, created_at) VALUES (?, ?, ?, ?)",
+                        (idempotency_key, request_digest, upload_id, row.created_at),
+                    )
+                    cutoff = now - timedelta(seconds=IDEMPOTENCY_KEY_RETENTION_S)
+                    self._conn.execute(
+                        "DELETE FROM initiate_keys WHERE created_at < ?", (_stamp(cutoff),)
+                    )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
         return row
+
+    def initiated_with(self, idempotency_key: str) -> tuple[str, str] | None:
+        """``(request_digest, upload_id)`` of the initiate that carried this key."""
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT request_digest, upload_id FROM initiate_keys WHERE idempotency_key = ?",
+                (idempotency_key,),
+            ).fetchone()
+        return None if found is None else (str(found[0]), str(found[1]))
 
     def get_upload(self, upload_id: str) -> UploadRow | None:
         """The registry row of ``upload_id``, or None."""

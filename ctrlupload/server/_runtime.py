@@ -72,6 +72,8 @@ class ReferenceServer:
 
     Attributes:
         base_url: Where clients reach the backend (BACKEND_BASE_URL).
+        address: ``(host, port)`` the server is bound to (behind a proxy, base_url is
+            the proxy's).
         token: The service token (BACKEND_SERVICE_TOKEN).
         app: The WSGI application.
         db: The asset database.
@@ -85,6 +87,7 @@ class ReferenceServer:
         try:
             host = self._server.host
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+            self.address = (shown_host, self._server.port)
             self.base_url = (
                 config.public_url or f"http://{shown_host}:{self._server.port}"
             ).rstrip("/")
