@@ -296,6 +296,44 @@ def test_expired_twice_fails_with_the_storage_answer(mocked, client, video) -> N
     assert [c.request.method for c in mocked.calls] == ["POST", "PUT", "POST", "PUT"]
 
 
+@pytest.mark.parametrize("bare_body", [b"", b"<Error><Code>AccessDenied</Code></Error>"])
+def test_a_bare_403_after_the_urls_own_expiry_is_presigned_again(  # type: ignore[no-untyped-def]
+    mocked, client, video, bare_body
+) -> None:
+    # Signed long ago for 600 s: an S3-compatible store that answers expiry with a
+    # bare 403 AccessDenied still gets a fresh URL.
+    stale = f"{STORAGE}/{KEY}?X-Amz-Date=20200101T000000Z&X-Amz-Expires=600&X-Amz-Signature=old"
+    fresh = f"{STORAGE}/{KEY}?X-Amz-Signature=fresh"
+    mocked.post(PRESIGN, json=presign_answer(upload_url=stale))
+    mocked.post(PRESIGN, json=presign_answer(upload_url=fresh))
+    mocked.add_callback(
+        responses.PUT,
+        f"{STORAGE}/{KEY}",
+        callback=put_reading_body(403, None, bare_body),
+        match=[matchers.query_param_matcher({"X-Amz-Signature": "old"}, strict_match=False)],
+    )
+    put = put_reading_body()
+    mocked.add_callback(
+        responses.PUT,
+        f"{STORAGE}/{KEY}",
+        callback=put,
+        match=[matchers.query_param_matcher({"X-Amz-Signature": "fresh"})],
+    )
+    mocked.post(COMPLETE, json={"status": "ok"})
+    result = client.put_file(video, KEY)
+    assert [c.request.method for c in mocked.calls] == ["POST", "PUT", "POST", "PUT", "POST"]
+    assert result.etag == ETAG
+
+
+def test_a_bare_403_while_the_url_is_still_valid_is_not_expiry(mocked, client, video) -> None:  # type: ignore[no-untyped-def]
+    mocked.post(PRESIGN, json=presign_answer())
+    mocked.add_callback(responses.PUT, f"{STORAGE}/{KEY}", callback=put_reading_body(403, None))
+    with pytest.raises(StorageTransferError) as caught:
+        client.put_file(video, KEY)
+    assert caught.value.status_code == 403
+    assert [c.request.method for c in mocked.calls] == ["POST", "PUT"]
+
+
 def test_other_4xx_fails_at_once(mocked, client, video) -> None:  # type: ignore[no-untyped-def]
     mocked.post(PRESIGN, json=presign_answer())
     mocked.add_callback(responses.PUT, f"{STORAGE}/{KEY}", callback=put_reading_body(400, None))

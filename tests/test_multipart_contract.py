@@ -299,3 +299,39 @@ def test_an_expired_part_url_is_presigned_again(mocked, video) -> None:  # type:
         client.put_file(path, KEY)
     assert [2] in backend.presigned_batches  # part 2 alone, signed a second time
     assert b"".join(backend.parts[n] for n in sorted(backend.parts)) == data
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"upload_id": "u-77", "part_size": "5MiB"},
+        {"upload_id": "u-77", "part_size": 0},
+        {"upload_id": "u-77", "part_size": PART, "expires_sec": 0},
+    ],
+)
+def test_an_initiate_answer_breaking_the_contract_aborts_the_upload_it_names(
+    mocked,
+    video,
+    answer,  # type: ignore[no-untyped-def]
+) -> None:
+    mocked.post(f"{MP}/initiate", json=answer)
+    aborted = mocked.post(f"{MP}/abort", json={"status": "ok"})
+    with make_client() as client, pytest.raises(BackendError) as caught:
+        client.put_file(video[0], KEY)
+    assert caught.value.phase == "initiate"
+    assert "Multipart initiate failed: response field" in caught.value.reason
+    assert aborted.call_count == 1
+    assert json.loads(mocked.calls[-1].request.body) == {"object_key": KEY, "upload_id": "u-77"}
+
+
+def test_initiate_sends_an_idempotency_key(mocked, video) -> None:  # type: ignore[no-untyped-def]
+    FakeMultipartBackend(mocked)
+    with make_client() as client:
+        client.put_file(video[0], KEY)
+        client.put_file(video[0], KEY)
+    keys = [
+        call.request.headers.get("Idempotency-Key")
+        for call in mocked.calls
+        if call.request.url.endswith("/initiate")
+    ]
+    assert len(keys) == 2 and all(keys) and keys[0] != keys[1]
