@@ -116,14 +116,12 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, StorageError) as exc:
         print(f"ctrlupload: error: cannot start the backend: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    check = getattr(server.store, "check", None)
-    if check is not None:
-        try:
-            check()  # the s3 store: fail now if the bucket is unreachable, not per upload
-        except StorageError as exc:
-            server.stop()
-            print(f"ctrlupload: error: cannot start the backend: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+    try:
+        server.store.check()  # fail now on an unreachable bucket or an unwritable folder
+    except StorageError as exc:
+        server.stop()
+        print(f"ctrlupload: error: cannot start the backend: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     _stop_on_sigterm(server)  # before announcing: a supervisor may stop us right after
     print(f"ctrlupload reference backend ({args.store} store) serving", flush=True)
     print(f"BACKEND_BASE_URL={server.base_url}", flush=True)

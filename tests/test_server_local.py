@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ctrlupload import (
     BackendError,
     BackendPresignedStorageProvider,
     Settings,
+    StorageError,
     StorageTransferError,
 )
 from ctrlupload.server import (
@@ -511,3 +513,15 @@ def test_server_reprs_hold_no_token_and_no_signature(reference: Reference, tmp_p
     signature = signed.upload_url.split("signature=")[1]
     assert signature not in repr(signed)
     assert signature not in repr(reference.store)
+
+
+def test_the_local_store_check_passes_on_a_writable_folder(tmp_path: Path) -> None:
+    LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1").check()
+
+
+def test_the_local_store_check_names_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1")
+    shutil.rmtree(store.staging_dir)
+    store.staging_dir.write_text("not a folder")  # even root cannot create files in it
+    with pytest.raises(StorageError, match="cannot write under"):
+        store.check()

@@ -309,3 +309,25 @@ def test_constructor_rejects_malformed_configuration(
 ) -> None:
     with pytest.raises(StorageConfigError, match=message):
         S3ObjectStore(bucket, client=object(), **kwargs)
+
+
+def test_a_backend_on_the_s3_store_serves_no_uploads_or_downloads_itself(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    from ctrlupload.server import AssetDB, ReferenceBackend, WSGIServer
+
+    server = WSGIServer(None, "127.0.0.1", 0).start()
+    try:
+        server.set_app(
+            ReferenceBackend(
+                token="t0ken-for-s3", store=make_store(), db=AssetDB(tmp_path / "a.sqlite3")
+            )
+        )
+        base = f"http://127.0.0.1:{server.port}"
+        upload = requests.put(f"{base}/upload/a/b.mp4?expires=1&signature=x", data=b"x", timeout=5)
+        part = requests.put(f"{base}/upload-part/u/1?expires=1&signature=x", data=b"x", timeout=5)
+        download = requests.get(f"{base}/files/a/b.mp4", timeout=5)
+    finally:
+        server.stop()
+    assert upload.status_code == part.status_code == download.status_code == 404
+    assert upload.json()["error"] == "not_found"

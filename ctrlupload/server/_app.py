@@ -8,8 +8,10 @@ HTTP/1.1 keep-alive, stdlib only). Routes:
 * ``POST {multipart initiate | presign-parts | list-parts | complete | abort path}``:
   the multipart extension (issue 4), protected and validated the same way.
 * ``PUT /upload/{key}``, ``PUT /upload-part/{upload_id}/{n}`` and ``GET /files/{key}``:
-  the local store's signed upload endpoints and public downloads (only with
-  :class:`LocalObjectStore`).
+  signed uploads and public downloads for a store that serves them itself (the local
+  store); a store whose URLs point at S3 says so (``NotServedHere``) and they get 404.
+
+The app uses its store through the :class:`ObjectStore` Protocol only.
 * ``GET /openapi.yaml``, ``GET /healthz``.
 
 Multipart uploads are recorded in the :class:`AssetDB` registry when initiated, so a
@@ -59,15 +61,19 @@ from ..protocol._parts import (
     multipart_etag,
 )
 from ._db import AssetDB, UploadRow
-from ._local import IncompleteBody, LocalObjectStore, PartGrant, UploadGrant, UploadRejected
 from ._locks import StripedLocks
 from ._store import (
     MAX_LIST_PARTS,
+    IncompleteBody,
     InvalidPart,
     NoSuchUpload,
+    NotServedHere,
     ObjectInfo,
     ObjectStore,
+    PartGrant,
     StoredPart,
+    UploadGrant,
+    UploadRejected,
 )
 
 logger = logging.getLogger("ctrlupload.server")
@@ -239,21 +245,18 @@ class ReferenceBackend:
                 if method != "POST":
                     raise _not_allowed("POST", f"{path} accepts POST only")
                 return self._json_api(environ, start_response, path)
-            local = self.store if isinstance(self.store, LocalObjectStore) else None
-            if local is not None and path.startswith("/upload-part/"):
+            if path.startswith("/upload-part/"):
                 if method != "PUT":
                     raise _not_allowed("PUT", "part uploads use PUT")
-                return self._upload_part(
-                    environ, start_response, local, path[len("/upload-part/") :]
-                )
-            if local is not None and path.startswith("/upload/"):
+                return self._upload_part(environ, start_response, path[len("/upload-part/") :])
+            if path.startswith("/upload/"):
                 if method != "PUT":
                     raise _not_allowed("PUT", "uploads use PUT")
-                return self._upload(environ, start_response, local, path[len("/upload/") :])
-            if local is not None and path.startswith("/files/"):
+                return self._upload(environ, start_response, path[len("/upload/") :])
+            if path.startswith("/files/"):
                 if method not in ("GET", "HEAD"):
                     raise _not_allowed("GET, HEAD", "downloads use GET")
-                return self._download(environ, start_response, local, path[len("/files/") :])
+                return self._download(environ, start_response, path[len("/files/") :])
             if path in ("/openapi.yaml", "/healthz") and method not in ("GET", "HEAD"):
                 raise _not_allowed("GET, HEAD", f"{path} accepts GET only")
             if path == "/openapi.yaml":
@@ -593,13 +596,9 @@ class ReferenceBackend:
 
     # -- local store endpoints ---------------------------------------------------------
 
-    def _upload(
-        self,
-        environ: Environ,
-        start_response: StartResponse,
-        store: LocalObjectStore,
-        raw_key: str,
-    ) -> list[bytes]:
+    def _upload(self, environ: Environ, start_response: StartResponse, raw_key: str) -> list[bytes]:
+        store = self.store
+
         def authorize(
             length: int, content_type: str, expires: str | None, signature: str | None
         ) -> UploadGrant:
@@ -615,12 +614,9 @@ class ReferenceBackend:
         return self._signed_put(environ, start_response, authorize, store.receive)
 
     def _upload_part(
-        self,
-        environ: Environ,
-        start_response: StartResponse,
-        store: LocalObjectStore,
-        raw_path: str,
+        self, environ: Environ, start_response: StartResponse, raw_path: str
     ) -> list[bytes]:
+        store = self.store
         upload_id, _, number_text = raw_path.partition("/")
         # Anything but plain digits is part number 0, which the store refuses with 400.
         valid = number_text.isascii() and number_text.isdigit() and len(number_text) <= 5
@@ -660,6 +656,10 @@ class ReferenceBackend:
                 query.get("expires", [None])[0],
                 query.get("signature", [None])[0],
             )
+        except NotServedHere:
+            raise _HttpError(
+                404, "not_found", f"no route for PUT {environ.get('PATH_INFO')}"
+            ) from None
         except (InvalidKeyError, UnicodeDecodeError, UploadRejected, NoSuchUpload) as refusal:
             # Read what the client is sending, so it sees this answer instead of a reset.
             _drain(body, length, self.max_content_length)
@@ -674,12 +674,9 @@ class ReferenceBackend:
         return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
 
     def _download(
-        self,
-        environ: Environ,
-        start_response: StartResponse,
-        store: LocalObjectStore,
-        raw_key: str,
+        self, environ: Environ, start_response: StartResponse, raw_key: str
     ) -> Iterable[bytes]:
+        store = self.store
         try:
             key = validate_key(_wsgi_path_to_text(raw_key))
         except (InvalidKeyError, UnicodeDecodeError):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 from .._errors import StorageConfigError, StorageError
@@ -54,10 +54,13 @@ from ._store import (
     MAX_LIST_PARTS,
     InvalidPart,
     NoSuchUpload,
+    NotServedHere,
     ObjectInfo,
+    PartGrant,
     PartsPage,
     PresignedPut,
     StoredPart,
+    UploadGrant,
 )
 
 __all__ = [
@@ -527,6 +530,44 @@ class S3ObjectStore:
             if _error_code_of(exc) == "NoSuchUpload":
                 return
             raise self._error("AbortMultipartUpload", key, exc) from exc
+
+    # -- uploads go to S3 itself, never through the backend ----------------------------
+
+    def authorize(
+        self,
+        key: str,
+        *,
+        content_type: str,
+        content_length: int,
+        expires: str | None,
+        signature: str | None,
+    ) -> UploadGrant:
+        """Never: this store's upload URLs point at S3."""
+        raise NotServedHere("uploads go to S3")
+
+    def receive(self, grant: UploadGrant, body: BinaryIO) -> ObjectInfo:
+        """Never: this store's upload URLs point at S3."""
+        raise NotServedHere("uploads go to S3")
+
+    def authorize_part(
+        self,
+        upload_id: str,
+        part_number: int,
+        *,
+        content_length: int,
+        expires: str | None,
+        signature: str | None,
+    ) -> PartGrant:
+        """Never: this store's part URLs point at S3."""
+        raise NotServedHere("part uploads go to S3")
+
+    def receive_part(self, grant: PartGrant, body: BinaryIO) -> ObjectInfo:
+        """Never: this store's part URLs point at S3."""
+        raise NotServedHere("part uploads go to S3")
+
+    def open(self, key: str) -> BinaryIO | None:
+        """None: downloads are served by S3 or the CDN, not the backend."""
+        return None
 
     def check(self) -> None:
         """Fail fast on a bad configuration: the bucket must exist and be reachable.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import BinaryIO, Final, Protocol
 
 #: S3's page size for ListParts, and the most the contract returns at once.
 MAX_LIST_PARTS: Final = 1000
@@ -52,6 +52,50 @@ class PartsPage:
     parts: tuple[StoredPart, ...]
     is_truncated: bool
     next_part_number_marker: int | None
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    """What a signed upload URL allows, recovered from the request."""
+
+    key: str
+    content_type: str
+    content_length: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class PartGrant:
+    """What a signed part URL allows, recovered from the request."""
+
+    key: str
+    upload_id: str
+    part_number: int
+    content_length: int
+    expires_at: int
+
+
+class UploadRejected(Exception):
+    """The PUT does not match its signature, or came too late.
+
+    Attributes:
+        status: HTTP status to answer.
+        code: S3-style error code (``AccessDenied``, ``SignatureDoesNotMatch``...).
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class IncompleteBody(Exception):
+    """The client sent fewer bytes than it announced (it went away mid-upload)."""
+
+
+class NotServedHere(Exception):
+    """This store does not serve uploads or downloads itself (they go to S3)."""
 
 
 class NoSuchUpload(Exception):
@@ -147,4 +191,78 @@ class ObjectStore(Protocol):
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop the upload and its parts; an unknown upload is not an error."""
+        ...
+
+    # -- start-up --------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast on a bad configuration, at start-up rather than on the first upload.
+
+        Raises:
+            StorageError: The store cannot be used (a missing bucket, an unwritable
+                folder...), with a message that says why.
+        """
+        ...
+
+    # -- uploads and downloads the store serves itself ---------------------------------
+    #
+    # A store whose presigned URLs point at the reference backend (the local store)
+    # receives those PUTs and serves downloads through these. A store whose URLs point
+    # elsewhere (S3) raises NotServedHere, and the backend answers 404.
+
+    def authorize(
+        self,
+        key: str,
+        *,
+        content_type: str,
+        content_length: int,
+        expires: str | None,
+        signature: str | None,
+    ) -> UploadGrant:
+        """Check a presigned object PUT against its signature, the way S3 does.
+
+        Raises:
+            UploadRejected: The signature does not fit, or the URL expired.
+            NotServedHere: This store's URLs point elsewhere.
+        """
+        ...
+
+    def receive(self, grant: UploadGrant, body: BinaryIO) -> ObjectInfo:
+        """Store exactly ``grant.content_length`` bytes of ``body``, atomically.
+
+        Raises:
+            IncompleteBody: The body ended early; nothing is stored.
+        """
+        ...
+
+    def authorize_part(
+        self,
+        upload_id: str,
+        part_number: int,
+        *,
+        content_length: int,
+        expires: str | None,
+        signature: str | None,
+    ) -> PartGrant:
+        """Check a presigned part PUT against its signature.
+
+        Raises:
+            UploadRejected: The signature does not fit, the URL expired, or the part
+                number is out of range.
+            NoSuchUpload: No such upload.
+            NotServedHere: This store's URLs point elsewhere.
+        """
+        ...
+
+    def receive_part(self, grant: PartGrant, body: BinaryIO) -> ObjectInfo:
+        """Store one part of a multipart upload.
+
+        Raises:
+            IncompleteBody: The body ended early; the part is not listed.
+            NoSuchUpload: The upload ended meanwhile.
+        """
+        ...
+
+    def open(self, key: str) -> BinaryIO | None:
+        """The stored object for reading, or None (also when not served here)."""
         ...
