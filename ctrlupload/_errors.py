@@ -12,7 +12,8 @@
         │                         "delete", "initiate", "presign-parts", "list-parts",
         │                         "complete-multipart" or "abort")
         ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
-        ├── UploadCancelled       a part stopped because another part failed (phase "upload")
+        ├── UploadCancelled       a part stopped because another part, or presigning
+        │                         its URL, failed                       (phase "upload")
         └── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
 
 ``str(StorageUploadError)`` is ``Storage upload failed for '<key>': <reason>``, the text
@@ -63,7 +64,9 @@ class StorageUploadError(StorageError):
         key: The object key the operation was for.
         reason: The human-readable reason, without the key prefix.
         phase: Which step failed: ``validate``, ``source``, ``presign``, ``upload``,
-            ``integrity``, ``complete`` or ``delete``.
+            ``integrity``, ``complete``, ``delete``, or for multipart uploads
+            ``initiate``, ``presign-parts``, ``list-parts``, ``complete-multipart``
+            or ``abort``.
         status_code: The HTTP status that caused the failure, when there was one.
         code: Always ``"STORAGE_UPLOAD_FAILED"``, the render pipeline's error code.
     """
@@ -140,7 +143,8 @@ class IntegrityError(StorageUploadError):
 
 
 class UploadCancelled(StorageUploadError):
-    """A part stopped because another part of the same upload failed."""
+    """A part stopped because another part of the same upload, or presigning the part
+    URLs, failed; the upload reports that first failure, not this."""
 
     default_phase = "upload"
 
