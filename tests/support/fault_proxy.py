@@ -315,3 +315,42 @@ class FaultProxy:
                 self._track(server, False)
                 with contextlib.suppress(OSError):
                     server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a proxy in its own process (for benchmarks): prints its URL, then serves.
+
+    On SIGTERM it writes its exchanges, as JSON counts per fault and path kind, to
+    ``--stats`` and exits 0.
+    """
+    import argparse
+    import json
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--upstream", required=True, help="host:port of the server")
+    parser.add_argument("--rate", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stats", required=True)
+    args = parser.parse_args(argv)
+    host, _, port = args.upstream.rpartition(":")
+    proxy = FaultProxy(random_faults(args.rate, args.seed), (host, int(port))).start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    print(proxy.base_url, flush=True)
+    stopped.wait()
+    exchanges = proxy.exchanges
+    proxy.stop()
+    counts: dict[str, int] = {}
+    for exchange in exchanges:
+        name = exchange.fault.name if exchange.fault else "none"
+        counts[name] = counts.get(name, 0) + 1
+    with open(args.stats, "w", encoding="utf-8") as handle:
+        json.dump({"exchanges": len(exchanges), "by_fault": counts}, handle)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
