@@ -304,7 +304,14 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
             call.bound_s = call.config.attempt_bound_s(_body_length(body))
             self._ctrlupload_alarm = call.watchdog.arm(self, call.bound_s, call)
         try:
-            super().request(method, url, body, *args, **kwargs)
+            send_over = getattr(body, "send_over", None)
+            if send_over is None or kwargs.get("chunked"):
+                super().request(method, url, body, *args, **kwargs)
+            else:
+                # The body sends itself (sendfile, or a reused buffer) once the head is
+                # out; requests has already set its Content-Length.
+                super().request(method, url, None, *args, **kwargs)
+                send_over(self.sock, self.blocksize)
         except BaseException:
             self._disarm()
             raise

@@ -3,11 +3,14 @@
 import hashlib
 import io
 import os
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from ctrlupload import SourceFileError
+from ctrlupload._errors import UploadCancelled
 from ctrlupload.engine._streams import (
     FileWindow,
     Md5Hasher,
@@ -220,3 +223,89 @@ def test_read_errors_become_source_file_errors_not_os_errors() -> None:
     with pytest.raises(SourceFileError, match="Input/output error") as caught:
         window.read(10)
     assert not isinstance(caught.value, OSError)
+
+
+# -- send_over: the window sends itself (sendfile, a reused buffer, or hashed blocks) -----
+
+
+class Receiver:
+    """A loopback TCP connection whose far end collects everything sent to it."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.sender = socket.create_connection(self._server.getsockname()[:2])
+        self.sender.settimeout(5)
+        self._peer, _ = self._server.accept()
+        self.received = bytearray()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while block := self._peer.recv(1 << 20):
+            self.received += block
+
+    def finish(self) -> bytes:
+        self.sender.shutdown(socket.SHUT_WR)
+        self._thread.join(10)
+        for sock in (self.sender, self._peer, self._server):
+            sock.close()
+        return bytes(self.received)
+
+
+@pytest.mark.parametrize("source_kind", ["file", "bytes"])
+@pytest.mark.parametrize("hashed", [False, True], ids=["no-hash", "md5"])
+def test_send_over_sends_the_window_with_honest_progress(
+    data_file,
+    source_kind: str,
+    hashed: bool,  # type: ignore[no-untyped-def]
+) -> None:
+    path, data = data_file
+    progress = RecordingProgress()
+    tracker = ProgressTracker(5000, progress)
+    hasher = Md5Hasher(threaded=False) if hashed else None
+    receiver = Receiver()
+    source = open_source("k", path) if source_kind == "file" else object_source("k", data)
+    with source:
+        window = FileWindow(source, 1000, 5000, hasher=hasher, progress=tracker)
+        window.send_over(receiver.sender, 1024)
+        window.seek(0)  # a retry resends the window: progress must not count it twice
+        window.send_over(receiver.sender, 1024)
+    tracker.finish()
+    assert receiver.finish() == data[1000:6000] * 2
+    progress.assert_honest(5000)
+    if hasher is not None:
+        assert hasher.hexdigest() == hashlib.md5(data[1000:6000]).hexdigest()
+
+
+def test_send_over_refuses_a_file_that_changed_before_its_last_byte(data_file) -> None:  # type: ignore[no-untyped-def]
+    path, data = data_file
+    receiver = Receiver()
+    with open_source("k", path) as source:
+        window = FileWindow(source, 0, len(data))
+        with open(path, "r+b") as handle:  # rewritten in place: same size, new mtime
+            os.utime(handle.fileno(), ns=(1, 1))
+        with pytest.raises(SourceFileError, match="modified"):
+            window.send_over(receiver.sender, 16 * 1024)
+    assert len(receiver.finish()) < len(data)  # the last block never went out
+
+
+def test_send_over_stops_when_cancelled(data_file) -> None:  # type: ignore[no-untyped-def]
+    path, _ = data_file
+    cancelled = threading.Event()
+    cancelled.set()
+    receiver = Receiver()
+    with open_source("k", path) as source:
+        window = FileWindow(source, 0, 5000, cancelled=cancelled)
+        with pytest.raises(UploadCancelled):
+            window.send_over(receiver.sender, 1024)
+    assert receiver.finish() == b""
+
+
+def test_read_into_reads_a_file_or_bytes_into_a_buffer(data_file) -> None:  # type: ignore[no-untyped-def]
+    path, data = data_file
+    for source in (open_source("k", path), object_source("k", data)):
+        with source:
+            buffer = memoryview(bytearray(100))
+            assert source.read_into(500, buffer) == 100
+            assert bytes(buffer) == data[500:600]
+            assert source.read_into(len(data) - 10, buffer) == 10

@@ -16,6 +16,8 @@ import io
 import logging
 import os
 import queue
+import socket
+import ssl
 import stat as stat_module
 import threading
 from collections.abc import Callable
@@ -198,10 +200,13 @@ class SourceReader:
         check_unchanged: Callable[[], str | None] = lambda: None,
         close: Callable[[], None] = lambda: None,
         mtime_ns: int | None = None,
+        fileno: int | None = None,
     ) -> None:
         self.key = key
         self.size = size
         self.mtime_ns = mtime_ns
+        #: The file descriptor, for a source that is a file on disk (sendfile, preadv).
+        self.fileno = fileno
         self._read_at = read_at
         self._check_unchanged = check_unchanged
         self._close = close
@@ -214,6 +219,23 @@ class SourceReader:
             raise SourceFileError(
                 self.key, f"Could not read source: {exc.strerror or exc}"
             ) from exc
+
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        """Read up to ``len(buffer)`` bytes at ``offset`` into ``buffer``; bytes read.
+
+        A file on disk is read straight into the buffer (``preadv``), so a reused
+        buffer costs no allocation and no page faults.
+        """
+        try:
+            if self.fileno is not None and hasattr(os, "preadv"):
+                return os.preadv(self.fileno, [buffer], offset)
+            block = self._read_at(offset, len(buffer))
+        except OSError as exc:
+            raise SourceFileError(
+                self.key, f"Could not read source: {exc.strerror or exc}"
+            ) from exc
+        buffer[: len(block)] = block
+        return len(block)
 
     def verify_unchanged(self) -> None:
         """Raise SourceFileError if the file's size or mtime moved since it was opened."""
@@ -284,6 +306,7 @@ def open_source(key: str, path: str | os.PathLike[str]) -> SourceReader:
         check_unchanged=check_unchanged,
         close=lambda: os.close(fd),
         mtime_ns=identity.mtime_ns,
+        fileno=fd,
     )
 
 
@@ -404,20 +427,11 @@ class FileWindow:
 
     def read(self, size: int | None = -1) -> bytes:
         """Read up to ``size`` bytes (all that is left when ``size`` is negative)."""
-        remaining = self._length - self._pos
-        if remaining <= 0:
+        want = self._next_block(-1 if size is None else size)
+        if not want:
             return b""
-        if self._cancelled is not None and self._cancelled.is_set():
-            raise UploadCancelled(
-                self._source.key, "Part upload cancelled because another part failed"
-            )
-        want = remaining if size is None or size < 0 else min(size, remaining)
         block = self._source.read_at(self._offset + self._pos, want)
-        if len(block) < want:
-            raise SourceFileError(
-                self._source.key,
-                f"Source file changed during upload: it ended {remaining - len(block)} bytes early",
-            )
+        self._check_block(len(block), want)
         end = self._pos + len(block)
         if end == self._length:
             self._source.verify_unchanged()
@@ -425,6 +439,67 @@ class FileWindow:
             self._count_fresh(block, end)
         self._pos = end
         return block
+
+    def send_over(self, sock: socket.socket, block_bytes: int) -> None:
+        """Send the rest of the window to ``sock``, as ``read`` blocks would be sent.
+
+        The transport calls this instead of reading the window itself. With no hasher,
+        a file on disk and a plain TCP socket, the kernel sends straight from the file
+        (``sendfile``): no copy through user space. Otherwise, with no hasher, blocks are
+        read into one reused buffer. With a hasher, blocks are read as by :meth:`read`
+        (the hashing thread keeps each block until it has hashed it). Progress,
+        cancellation and the change check behave exactly as with :meth:`read`.
+        """
+        if self._hasher is not None:
+            while block := self.read(block_bytes):
+                sock.sendall(block)
+            return
+        plain_tcp = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+        if self._source.fileno is not None and plain_tcp:
+            file = _FdFile(self._source.fileno)
+            while want := self._next_block(block_bytes):
+                if self._pos + want == self._length:
+                    self._source.verify_unchanged()
+                sent = sock.sendfile(file, self._offset + self._pos, want)  # type: ignore[arg-type]
+                self._check_block(sent, want)
+                self._advance(sent)
+            return
+        buffer = memoryview(bytearray(block_bytes))
+        while want := self._next_block(block_bytes):
+            got = self._source.read_into(self._offset + self._pos, buffer[:want])
+            self._check_block(got, want)
+            if self._pos + got == self._length:
+                self._source.verify_unchanged()
+            sock.sendall(buffer[:got])
+            self._advance(got)
+
+    def _next_block(self, size: int) -> int:
+        """How much the next block takes (0 at the end); raises if cancelled."""
+        remaining = self._length - self._pos
+        if remaining <= 0:
+            return 0
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise UploadCancelled(
+                self._source.key, "Part upload cancelled because another part failed"
+            )
+        return remaining if size < 0 else min(size, remaining)
+
+    def _check_block(self, got: int, want: int) -> None:
+        if got < want:
+            remaining = self._length - self._pos
+            raise SourceFileError(
+                self._source.key,
+                f"Source file changed during upload: it ended {remaining - got} bytes early",
+            )
+
+    def _advance(self, sent: int) -> None:
+        """Count ``sent`` bytes sent without a hasher."""
+        end = self._pos + sent
+        if end > self._high_water:
+            if self._progress is not None:
+                self._progress.add(end - self._high_water)
+            self._high_water = end
+        self._pos = end
 
     def _count_fresh(self, block: bytes, end: int) -> None:
         if self._hasher is not None:
@@ -437,3 +512,22 @@ class FileWindow:
         if self._progress is not None:
             self._progress.add(end - self._high_water)
         self._high_water = end
+
+
+class _FdFile:
+    """The least of a file object ``socket.sendfile`` needs: a descriptor, binary mode.
+
+    ``seek`` is a no-op: the source is read by position (pread, sendfile with an
+    offset) and several part threads share the descriptor, so its own offset is unused.
+    """
+
+    mode = "rb"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return offset
