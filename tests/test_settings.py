@@ -86,6 +86,7 @@ def test_missing_dotenv_is_not_an_error(tmp_path: Path) -> None:
         ("STORAGE_RETRY_ATTEMPTS", "0", "STORAGE_RETRY_ATTEMPTS"),
         ("STORAGE_SEND_BLOCK_BYTES", "10", "STORAGE_SEND_BLOCK_BYTES"),
         ("STORAGE_READ_TIMEOUT_S", "0", "STORAGE_READ_TIMEOUT_S"),
+        ("STORAGE_MIN_SEND_RATE_BYTES_S", "0", "STORAGE_MIN_SEND_RATE_BYTES_S"),
     ],
 )
 def test_bad_values_fail_at_load_naming_the_variable(name: str, value: str, fragment: str) -> None:
@@ -120,3 +121,21 @@ def test_settings_are_immutable() -> None:
 def test_field_names_and_env_names_both_construct() -> None:
     assert Settings(video_max_upload_bytes=5).video_max_upload_bytes == 5
     assert Settings(VIDEO_MAX_UPLOAD_BYTES=6).video_max_upload_bytes == 6
+
+
+def test_the_minimum_send_rate_sets_the_transports_attempt_bound() -> None:
+    from ctrlupload.providers._backend import transport_for
+
+    settings = Settings.from_env(
+        {
+            "STORAGE_CONNECT_TIMEOUT_S": "2",
+            "STORAGE_READ_TIMEOUT_S": "3",
+            "STORAGE_MIN_SEND_RATE_BYTES_S": "1048576",
+        },
+        dotenv_path=None,
+    )
+    transport = transport_for(settings)
+    try:
+        assert transport.config.attempt_bound_s(10 * 1048576) == 2 + 3 + 10
+    finally:
+        transport.close()
