@@ -309,3 +309,63 @@ def test_read_into_reads_a_file_or_bytes_into_a_buffer(data_file) -> None:  # ty
             assert source.read_into(500, buffer) == 100
             assert bytes(buffer) == data[500:600]
             assert source.read_into(len(data) - 10, buffer) == 10
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(5 * 1024 * 1024 + 12345)  # past the read-ahead threshold
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_send_over_reads_ahead_a_large_window_in_order(big_file) -> None:  # type: ignore[no-untyped-def]
+    path, data = big_file
+    progress = RecordingProgress()
+    tracker = ProgressTracker(len(data) - 7, progress)
+    receiver = Receiver()
+    with open_source("k", path) as source:
+        window = FileWindow(source, 7, len(data) - 7, progress=tracker)
+        window.send_over(receiver.sender, 1024 * 1024)
+        window.seek(0)
+        window.send_over(receiver.sender, 1024 * 1024)
+    tracker.finish()
+    assert receiver.finish() == data[7:] * 2
+    progress.assert_honest(len(data) - 7)
+    assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]
+
+
+def test_send_over_reading_ahead_reports_a_file_cut_short(big_file) -> None:  # type: ignore[no-untyped-def]
+    path, data = big_file
+    receiver = Receiver()
+    with open_source("k", path) as source:
+        window = FileWindow(source, 0, len(data))
+        os.truncate(path, 3 * 1024 * 1024)
+        with pytest.raises(SourceFileError, match=r"ended .* bytes early"):
+            window.send_over(receiver.sender, 1024 * 1024)
+    assert len(receiver.finish()) <= 3 * 1024 * 1024
+    assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]
+
+
+def test_send_over_reading_ahead_stops_its_thread_when_cancelled(big_file) -> None:  # type: ignore[no-untyped-def]
+    path, data = big_file
+    cancelled = threading.Event()
+
+    class CancelAfterFirstBlock(ProgressTracker):
+        def add(self, delta: int) -> None:
+            super().add(delta)
+            cancelled.set()
+
+    receiver = Receiver()
+    with open_source("k", path) as source:
+        window = FileWindow(
+            source,
+            0,
+            len(data),
+            progress=CancelAfterFirstBlock(len(data), None),
+            cancelled=cancelled,
+        )
+        with pytest.raises(UploadCancelled):
+            window.send_over(receiver.sender, 1024 * 1024)
+    assert len(receiver.finish()) < len(data)
+    assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]

@@ -17,7 +17,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import stat as stat_module
 import threading
 from collections.abc import Callable
@@ -45,6 +44,12 @@ DEFAULT_THREADED_HASH_MIN_BYTES: Final = 8 * 1024 * 1024
 _HASH_PIECE_BYTES: Final = 1024 * 1024
 #: ... and at most this many bytes wait in its queue, whatever the block size.
 _HASH_QUEUE_BYTES: Final = 8 * 1024 * 1024
+#: Unhashed bodies are read ahead by a helper thread into this many buffers ...
+_READ_AHEAD_BUFFERS: Final = 4
+#: ... of this size (4 x 512 KiB measured fastest on loopback, see docs/benchmarks.md) ...
+_READ_AHEAD_PIECE_BYTES: Final = 512 * 1024
+#: ... when more than this is left to send; smaller bodies are read on the caller's thread.
+_READ_AHEAD_MIN_BYTES: Final = 2 * 1024 * 1024
 
 
 class ProgressCallback(Protocol):
@@ -443,35 +448,36 @@ class FileWindow:
     def send_over(self, sock: socket.socket, block_bytes: int) -> None:
         """Send the rest of the window to ``sock``, as ``read`` blocks would be sent.
 
-        The transport calls this instead of reading the window itself. With no hasher,
-        a file on disk and a plain TCP socket, the kernel sends straight from the file
-        (``sendfile``): no copy through user space. Otherwise, with no hasher, blocks are
-        read into one reused buffer. With a hasher, blocks are read as by :meth:`read`
-        (the hashing thread keeps each block until it has hashed it). Progress,
-        cancellation and the change check behave exactly as with :meth:`read`.
+        The transport calls this instead of reading the window itself. With a hasher,
+        blocks are read as by :meth:`read` (the hashing thread keeps each block until
+        it has hashed it). With no hasher, a helper thread reads ahead into a ring of
+        reused buffers while this thread sends the previous one: both the page-cache
+        copy and the send release the GIL, so they overlap, and no buffer is allocated
+        per block. Progress, cancellation and the change check before the last byte
+        behave exactly as with :meth:`read`.
         """
         if self._hasher is not None:
             while block := self.read(block_bytes):
                 sock.sendall(block)
             return
-        plain_tcp = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
-        if self._source.fileno is not None and plain_tcp:
-            file = _FdFile(self._source.fileno)
-            while want := self._next_block(block_bytes):
-                if self._pos + want == self._length:
-                    self._source.verify_unchanged()
-                sent = sock.sendfile(file, self._offset + self._pos, want)  # type: ignore[arg-type]
-                self._check_block(sent, want)
-                self._advance(sent)
+        if self._length - self._pos <= _READ_AHEAD_MIN_BYTES:
+            buffer = memoryview(bytearray(min(block_bytes, self._length - self._pos) or 1))
+            while want := self._next_block(len(buffer)):
+                got = self._source.read_into(self._offset + self._pos, buffer[:want])
+                self._send_block(sock, buffer[:got], want)
             return
-        buffer = memoryview(bytearray(block_bytes))
-        while want := self._next_block(block_bytes):
-            got = self._source.read_into(self._offset + self._pos, buffer[:want])
-            self._check_block(got, want)
-            if self._pos + got == self._length:
-                self._source.verify_unchanged()
-            sock.sendall(buffer[:got])
-            self._advance(got)
+        with _ReadAhead(self._source, self._offset + self._pos, self._length - self._pos) as ahead:
+            while want := self._next_block(_READ_AHEAD_PIECE_BYTES):
+                self._send_block(sock, ahead.next_piece(), want)
+                ahead.release()
+
+    def _send_block(self, sock: socket.socket, block: memoryview, want: int) -> None:
+        """Send one block read without a hasher: checked, then counted."""
+        self._check_block(len(block), want)
+        if self._pos + len(block) == self._length:
+            self._source.verify_unchanged()
+        sock.sendall(block)
+        self._advance(len(block))
 
     def _next_block(self, size: int) -> int:
         """How much the next block takes (0 at the end); raises if cancelled."""
@@ -514,20 +520,65 @@ class FileWindow:
         self._high_water = end
 
 
-class _FdFile:
-    """The least of a file object ``socket.sendfile`` needs: a descriptor, binary mode.
+class _ReadAhead:
+    """A helper thread that reads ``length`` bytes at ``offset`` into a ring of buffers.
 
-    ``seek`` is a no-op: the source is read by position (pread, sendfile with an
-    offset) and several part threads share the descriptor, so its own offset is unused.
+    :meth:`next_piece` hands out the next piece read (in order); :meth:`release` gives
+    its buffer back for the thread to fill again. A read error reaches the caller from
+    :meth:`next_piece`. Leaving the ``with`` block stops and joins the thread.
     """
 
-    mode = "rb"
+    def __init__(self, source: SourceReader, offset: int, length: int) -> None:
+        self._source = source
+        self._offset = offset
+        self._length = length
+        self._buffers = [
+            memoryview(bytearray(_READ_AHEAD_PIECE_BYTES)) for _ in range(_READ_AHEAD_BUFFERS)
+        ]
+        self._free: queue.Queue[int] = queue.Queue()
+        for index in range(_READ_AHEAD_BUFFERS):
+            self._free.put(index)
+        self._filled: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+        self._held: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ctrlupload-read", daemon=True)
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __enter__(self) -> _ReadAhead:
+        self._thread.start()
+        return self
 
-    def fileno(self) -> int:
-        return self._fd
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._free.put(-1)  # wakes the thread if it waits for a buffer
+        self._thread.join()
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return offset
+    def _run(self) -> None:
+        position, end = self._offset, self._offset + self._length
+        try:
+            while position < end:
+                index = self._free.get()
+                if self._stop.is_set():
+                    return
+                want = min(_READ_AHEAD_PIECE_BYTES, end - position)
+                got = self._source.read_into(position, self._buffers[index][:want])
+                self._filled.put((index, got))
+                if got < want:
+                    return  # the file ended early; the sender reports it
+                position += got
+        except BaseException as exc:  # noqa: BLE001 - handed to the sending thread
+            self._filled.put(exc)
+
+    def next_piece(self) -> memoryview:
+        """The next piece, in order (shorter than asked if the file ended early)."""
+        item = self._filled.get()
+        if isinstance(item, BaseException):
+            raise item
+        index, got = item
+        self._held = index
+        return self._buffers[index][:got]
+
+    def release(self) -> None:
+        """Give the piece last handed out back to the reading thread."""
+        if self._held is not None:
+            self._free.put(self._held)
+            self._held = None
