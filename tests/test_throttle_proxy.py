@@ -139,6 +139,30 @@ def test_proxy_caps_each_connection_and_counts_every_byte(counting_sink: Countin
     assert stats.connections_open == 0
 
 
+def test_proxy_wait_idle_waits_for_connections_the_client_left_first() -> None:
+    with (
+        StorageSink() as sink,
+        ThrottleProxy(
+            "127.0.0.1", int(sink.base_url.rsplit(":", 1)[1]), rate_bytes_per_s=None
+        ) as proxy,
+    ):
+        held = socket.create_connection(("127.0.0.1", proxy.port))
+        try:
+            request = _request(b"abc", "/bucket/k")
+            held.sendall(request)
+            # The answer means the proxy holds the connection (kept alive: still open).
+            assert held.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert not proxy.wait_idle(0.2)  # a timeout, not a hang
+        finally:
+            held.close()  # without waiting for the proxy to close its side
+        assert proxy.wait_idle(10)
+        stats = proxy.stats()
+    assert (stats.connections_total, stats.connections_open) == (1, 0)
+    assert stats.connections[0].closed_s is not None
+    assert stats.bytes_up == len(request)
+    assert stats.body_bytes == 3
+
+
 def test_proxy_counts_http_bodies_of_real_puts() -> None:
     bodies = [os.urandom(300_000), os.urandom(5), b""]
     with (

@@ -9,6 +9,13 @@ the client's side as HTTP/1.1 (request heads with ``Content-Length`` bodies, the
 the provider and presigned PUTs send them), how many of the bytes were request heads
 and how many were bodies, and the request line of every request.
 
+When the counters are final: bytes are counted as they are handed to the other side,
+and a connection is marked closed (``closed_s``) before the proxy passes the last EOF or
+close on; both happen on the proxy's loop, where :meth:`ThrottleProxy.stats` is read. So a
+client that has its answer, or that has seen the proxy close its connection, reads
+counters that already include them. A client that hangs up first, without waiting for
+the proxy to close, has no such guarantee: it calls :meth:`ThrottleProxy.wait_idle`.
+
 Two ways to run it:
 
 - :class:`ThrottleProxy`: an asyncio loop on a daemon thread of this process (tests).
@@ -227,10 +234,15 @@ class ProxyStats:
 
 
 class _Connection:
+    # Created on the proxy's loop, and only touched there.
     def __init__(self, number: int, opened_s: float) -> None:
         self.stats = ConnectionStats(number, opened_s)
         self.meter = HttpRequestMeter()
         self.tasks: list[asyncio.Task[None]] = []
+        #: Directions still forwarding ("up", "down").
+        self.open_sides = {"up", "down"}
+        #: Set once ``stats.closed_s`` is, i.e. once this connection's counters are final.
+        self.closed = asyncio.Event()
 
 
 class ThrottleProxy:
@@ -353,6 +365,25 @@ class ThrottleProxy:
         """A snapshot of every counter since the last :meth:`reset`."""
         return self._call(lambda: self._snapshot(with_connections))  # type: ignore[no-any-return]
 
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Wait until no connection is open, so every counter is final.
+
+        Returns False when some connection is still open after ``timeout_s``.
+        """
+        assert self._loop is not None, "not started"
+
+        async def idle() -> None:
+            while pending := [c for c in self._connections if not c.closed.is_set()]:
+                await pending[0].closed.wait()
+
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(idle(), timeout_s), self._loop)
+        try:
+            future.result(timeout_s + 10)  # the margin only matters if the loop is stuck
+        except TimeoutError:
+            future.cancel()
+            return False
+        return True
+
     def reset(self) -> None:
         """Zero the counters; open connections keep their buckets and go on counting."""
 
@@ -408,27 +439,43 @@ class ThrottleProxy:
     def _bucket(self) -> TokenBucket | None:
         return None if self.rate is None else TokenBucket(self.rate, self.burst)
 
+    def _closed(self, conn: _Connection) -> None:
+        """Settle ``conn``'s counters; call before anything tells a peer it ended."""
+        if conn.stats.closed_s is None:
+            conn.stats.closed_s = time.monotonic() - self._epoch
+        conn.closed.set()
+
+    def _side_done(self, conn: _Connection, side: str) -> None:
+        """One direction stopped forwarding; the second one to stop closes ``conn``."""
+        conn.open_sides.discard(side)
+        if not conn.open_sides:
+            self._closed(conn)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(next(self._numbers), time.monotonic() - self._epoch)
         self._connections.append(conn)
+        handler = asyncio.current_task()
+        if handler is not None:  # so that stopping cancels it even before the pipes run
+            conn.tasks.append(handler)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
+            self._closed(conn)
             writer.close()
-            conn.stats.closed_s = time.monotonic() - self._epoch
             return
         up = asyncio.ensure_future(self._pipe(reader, up_writer, conn, upstream=True))
         down = asyncio.ensure_future(self._pipe(up_reader, writer, conn, upstream=False))
-        conn.tasks = [up, down]
+        conn.tasks += [up, down]
         try:
             await asyncio.gather(up, down, return_exceptions=True)
         finally:
+            # Normally the pipes have closed the books already; not when cancelled.
+            self._closed(conn)
             for side in (writer, up_writer):
                 side.close()
             for side in (writer, up_writer):
                 with contextlib.suppress(OSError, asyncio.CancelledError):
                     await side.wait_closed()
-            conn.stats.closed_s = time.monotonic() - self._epoch
 
     async def _pipe(
         self,
@@ -439,6 +486,7 @@ class ThrottleProxy:
         upstream: bool,
     ) -> None:
         bucket = self._bucket() if upstream or self.throttle_down else None
+        side = "up" if upstream else "down"
         try:
             while True:
                 data = await reader.read(READ_BYTES)
@@ -451,20 +499,26 @@ class ThrottleProxy:
                         await asyncio.sleep(wait)
                 throttled = time.monotonic()
                 writer.write(data)
-                await writer.drain()
+                # Count now, before the next await: from here on the far side may act on
+                # these bytes (answer, hang up), and the stats must already hold them.
+                record = None
                 if upstream:
                     conn.stats.bytes_up += len(data)
                     conn.meter.feed(data)
                     if conn.meter.requests:
                         record = conn.meter.requests[-1]
                         record.throttled_s += throttled - started
-                        record.drain_s += time.monotonic() - throttled
                 else:
                     conn.stats.bytes_down += len(data)
+                await writer.drain()
+                if record is not None:
+                    record.drain_s += time.monotonic() - throttled
+            self._side_done(conn, side)  # before the EOF is passed on
             if writer.can_write_eof():
                 writer.write_eof()
         except (OSError, RuntimeError):
             # One side went away (reset, or killed): drop the other side too.
+            self._side_done(conn, side)
             writer.close()
 
 
@@ -487,8 +541,10 @@ class CountingSink:
             index = len(self.received)
             self.received.append(0)
             thread = threading.Thread(target=self._drain, args=(conn, index), daemon=True)
-            thread.start()
+            # Listed before it runs: it may close its connection (which the client can
+            # see) before this thread gets the GIL back, and join() must not miss it.
             self._threads.append(thread)
+            thread.start()
 
     def _drain(self, conn: socket.socket, index: int) -> None:
         with conn:
@@ -518,6 +574,8 @@ def _child_main(options: dict[str, Any], conn: Connection) -> None:
             elif command == "reset":
                 proxy.reset()
                 conn.send("ok")
+            elif command == "wait_idle":
+                conn.send(proxy.wait_idle(arg))
             elif command == "stop":
                 break
     except EOFError:
@@ -572,15 +630,11 @@ class ThrottleProxyProcess:
         self._conn.send(("reset", None))
         self._conn.recv()
 
-    def wait_idle(self, timeout_s: float = 30.0, poll_s: float = 0.05) -> bool:
-        """Wait until no connection is open; False when some still are at the timeout."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.stats(with_connections=False)["connections_open"] == 0:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(poll_s)
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """:meth:`ThrottleProxy.wait_idle` in the child: False when some are still open."""
+        self._conn.send(("wait_idle", timeout_s))
+        answer: bool = self._conn.recv()
+        return answer
 
     def stop(self) -> None:
         if self._process.is_alive():
