@@ -15,6 +15,7 @@ from ctrlupload.engine._streams import (
     FileWindow,
     Md5Hasher,
     ProgressTracker,
+    SourceReader,
     object_source,
     open_source,
 )
@@ -319,12 +320,18 @@ def big_file(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
-def test_send_over_reads_ahead_a_large_window_in_order(big_file) -> None:  # type: ignore[no-untyped-def]
+def _big_source(kind: str, path: Path, data: bytes) -> SourceReader:
+    """A file on disk (sent from maps of it) or a file object (read ahead by a thread)."""
+    return open_source("k", path) if kind == "file" else object_source("k", io.BytesIO(data))
+
+
+@pytest.mark.parametrize("kind", ["file", "file-object"])
+def test_send_over_sends_a_large_window_in_order(big_file, kind: str) -> None:  # type: ignore[no-untyped-def]
     path, data = big_file
     progress = RecordingProgress()
     tracker = ProgressTracker(len(data) - 7, progress)
     receiver = Receiver()
-    with open_source("k", path) as source:
+    with _big_source(kind, path, data) as source:
         window = FileWindow(source, 7, len(data) - 7, progress=tracker)
         window.send_over(receiver.sender, 1024 * 1024)
         window.seek(0)
@@ -335,7 +342,7 @@ def test_send_over_reads_ahead_a_large_window_in_order(big_file) -> None:  # typ
     assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]
 
 
-def test_send_over_reading_ahead_reports_a_file_cut_short(big_file) -> None:  # type: ignore[no-untyped-def]
+def test_send_over_reports_a_file_cut_short(big_file) -> None:  # type: ignore[no-untyped-def]
     path, data = big_file
     receiver = Receiver()
     with open_source("k", path) as source:
@@ -347,7 +354,8 @@ def test_send_over_reading_ahead_reports_a_file_cut_short(big_file) -> None:  # 
     assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]
 
 
-def test_send_over_reading_ahead_stops_its_thread_when_cancelled(big_file) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["file", "file-object"])
+def test_send_over_stops_a_large_window_when_cancelled(big_file, kind: str) -> None:  # type: ignore[no-untyped-def]
     path, data = big_file
     cancelled = threading.Event()
 

@@ -11,9 +11,12 @@ and hashers belong to one upload attempt on one thread.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import logging
+import mmap
 import os
 import queue
 import socket
@@ -50,6 +53,8 @@ _READ_AHEAD_BUFFERS: Final = 4
 _READ_AHEAD_PIECE_BYTES: Final = 512 * 1024
 #: ... when more than this is left to send; smaller bodies are read on the caller's thread.
 _READ_AHEAD_MIN_BYTES: Final = 2 * 1024 * 1024
+#: Files on disk are sent from read-only maps of this many bytes at a time.
+_MAP_BYTES: Final = 16 * 1024 * 1024
 
 
 class ProgressCallback(Protocol):
@@ -450,15 +455,18 @@ class FileWindow:
 
         The transport calls this instead of reading the window itself. With a hasher,
         blocks are read as by :meth:`read` (the hashing thread keeps each block until
-        it has hashed it). With no hasher, a helper thread reads ahead into a ring of
-        reused buffers while this thread sends the previous one: both the page-cache
-        copy and the send release the GIL, so they overlap, and no buffer is allocated
-        per block. Progress, cancellation and the change check before the last byte
-        behave exactly as with :meth:`read`.
+        it has hashed it). With no hasher, a file on disk is sent from read-only maps
+        of it (the kernel copies from the page cache straight into the socket), and
+        other sources are read ahead by a helper thread into a ring of reused buffers
+        while this thread sends. Progress, cancellation and the change check before
+        the last byte behave exactly as with :meth:`read`.
         """
         if self._hasher is not None:
             while block := self.read(block_bytes):
                 sock.sendall(block)
+            return
+        if self._source.fileno is not None and hasattr(mmap, "MAP_POPULATE"):
+            self._send_mapped(sock, self._source.fileno, block_bytes)
             return
         if self._length - self._pos <= _READ_AHEAD_MIN_BYTES:
             buffer = memoryview(bytearray(min(block_bytes, self._length - self._pos) or 1))
@@ -470,6 +478,48 @@ class FileWindow:
             while want := self._next_block(_READ_AHEAD_PIECE_BYTES):
                 self._send_block(sock, ahead.next_piece(), want)
                 ahead.release()
+
+    def _send_mapped(self, sock: socket.socket, fd: int, block_bytes: int) -> None:
+        """Send from the page cache through read-only maps of the file, no copy of ours.
+
+        Only the kernel reads the mapped pages (inside ``sendall``), so a file that
+        shrinks meanwhile makes the send fail with EFAULT, reported as a changed
+        source, never a SIGBUS in this process.
+        """
+        while self._pos < self._length:
+            start = self._offset + self._pos
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            span = min(_MAP_BYTES, self._offset + self._length - aligned)
+            if os.fstat(fd).st_size < aligned + span:
+                self._check_block(0, 1)  # it ended early: SourceFileError
+            mapped = mmap.mmap(
+                fd,
+                span,
+                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                prot=mmap.PROT_READ,
+                offset=aligned,
+            )
+            view = memoryview(mapped)
+            try:
+                at = start - aligned
+                while at < span and (want := self._next_block(min(block_bytes, span - at))):
+                    if self._pos + want == self._length:
+                        self._source.verify_unchanged()
+                    try:
+                        sock.sendall(view[at : at + want])
+                    except OSError as exc:
+                        if exc.errno == errno.EFAULT:
+                            raise SourceFileError(
+                                self._source.key,
+                                "Source file changed during upload: it shrank while being sent",
+                            ) from None
+                        raise
+                    self._advance(want)
+                    at += want
+            finally:
+                view.release()
+                with contextlib.suppress(BufferError):  # a slice still alive: GC unmaps
+                    mapped.close()
 
     def _send_block(self, sock: socket.socket, block: memoryview, want: int) -> None:
         """Send one block read without a hasher: checked, then counted."""
