@@ -2,11 +2,15 @@
 
 A :class:`FileWindow` is what requests and urllib3 get as a request body. It reports
 its length honestly (so requests sends ``Content-Length``, never chunked framing) and
-supports ``tell``/``seek`` (so urllib3 can rewind it when it retries). It never holds
-more than one block of the file.
+supports ``tell``/``seek`` (so urllib3 can rewind it when it retries), and it can send
+itself to a socket (:meth:`FileWindow.send_over`). Memory does not grow with the file:
+a window holds one block at a time, or, sending without a hash, a 16 MiB read-only map
+of the file (page cache, counted in RSS while mapped) or four 512 KiB read-ahead
+buffers.
 
 Shared between threads: nothing here but a :class:`ProgressTracker` (locked). Windows
-and hashers belong to one upload attempt on one thread.
+and hashers belong to one upload attempt on one thread (with its helper threads: the
+hashing thread, the read-ahead thread).
 """
 
 from __future__ import annotations
