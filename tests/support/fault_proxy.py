@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import random
+import select
 import socket
 import struct
 import threading
@@ -147,6 +148,12 @@ class _Stream:
         return b"".join(kept)
 
 
+def _client_speaks_first(client: socket.socket, server: socket.socket) -> bool:
+    """Wait for the client's next request; False if the server hangs up before it."""
+    readable, _, _ = select.select([client, server], [], [])
+    return server not in readable or client in readable
+
+
 def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -256,6 +263,14 @@ class FaultProxy:
             source = _Stream(client)
             upstream: _Stream | None = None
             while True:
+                if (
+                    server is not None
+                    and not source.buffer
+                    and not _client_speaks_first(client, server)
+                ):
+                    # The server closed the idle connection: close the client's too, as a
+                    # TCP proxy would, so its pool sees the close instead of a reset later.
+                    return
                 head = source.head()
                 if head is None:
                     return
