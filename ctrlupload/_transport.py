@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import heapq
 import http.client
 import io
@@ -269,11 +270,20 @@ class _Watchdog:
                     continue
                 alarm.fired = True
                 alarm.call.overran = True
-                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would
-                # drop its SSL object under the thread that is using it. OSError: its
-                # owner closed it meanwhile.
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                _shut_down(sock)
+
+
+def _shut_down(sock: Any) -> None:
+    """Make a blocked send or receive on ``sock`` fail at once, from another thread.
+
+    The plain socket's shutdown, also for TLS: ``SSLSocket.shutdown`` would drop its SSL
+    object under the thread that is using it. TLS inside a TLS proxy tunnel
+    (urllib3's SSLTransport) wraps the socket: shut that one down.
+    """
+    raw = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)
+    if isinstance(raw, socket.socket):
+        with contextlib.suppress(OSError):  # its owner closed it meanwhile
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)
 
 
 def _body_length(body: Any) -> int:
@@ -308,10 +318,17 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
             if send_over is None or kwargs.get("chunked"):
                 super().request(method, url, body, *args, **kwargs)
             else:
-                # The body sends itself (sendfile, or a reused buffer) once the head is
-                # out; requests has already set its Content-Length.
+                # The body sends itself (from a map of the file, read-ahead buffers or
+                # hashed blocks) once the head is out; requests set its Content-Length.
                 super().request(method, url, None, *args, **kwargs)
                 send_over(self.sock, self.blocksize)
+        except OSError as exc:
+            # urllib3 swallows these and reads the answer the server may have sent
+            # early (an S3 refusal before the whole body): the attempt, and its alarm,
+            # go on into getresponse(). Anything else ends the attempt here.
+            if not _read_follows(exc):
+                self._disarm()
+            raise
         except BaseException:
             self._disarm()
             raise
@@ -364,6 +381,11 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
         """Disarm this attempt's alarm; True if it had fired."""
         alarm, self._ctrlupload_alarm = self._ctrlupload_alarm, None
         return alarm is not None and alarm.call.watchdog.disarm(alarm)
+
+
+def _read_follows(exc: OSError) -> bool:
+    """Whether urllib3 reads the response after this failure to send (its own rule)."""
+    return isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPROTOTYPE, errno.ECONNRESET)
 
 
 class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
