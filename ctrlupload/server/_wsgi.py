@@ -243,6 +243,7 @@ class WSGIServer:
         self._thread: threading.Thread | None = None
         self._serving = False
         self._closed = False
+        self._stop_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -277,10 +278,19 @@ class WSGIServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting requests and close the listening socket; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop accepting, close the listening socket, wait for the request threads.
+
+        Idempotent. A second caller (the serving thread, once a signal handler's thread
+        has begun stopping) waits until the first one has finished, so the process does
+        not exit while requests are still cleaning up their staging files.
+        """
+        with self._stop_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
         if self._serving or self._thread is not None:
             # shutdown() waits for serve_forever to return: only ask a running loop.
             self._server.shutdown()
