@@ -20,7 +20,7 @@ from .._errors import BackendError, StorageConfigError, TransportFailure
 from .._keys import validate_key
 from .._redact import register_secret
 from .._settings import Settings
-from .._transport import RetryPolicy, Transport, TransportConfig
+from .._transport import HttpResult, RetryPolicy, Transport, TransportConfig
 from .._version import __version__
 from ..engine._engine import StorageResult, UploadEngine
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut, StoredPart
@@ -322,7 +322,7 @@ class BackendSigner:
         path: str,
         payload: dict[str, object],
         headers: Mapping[str, str] | None = None,
-    ) -> _Answer:
+    ) -> HttpResult:
         try:
             result = self._transport.post_json(
                 self._base_url + path, payload, token=self._token, headers=headers
@@ -331,7 +331,7 @@ class BackendSigner:
             raise BackendError(
                 key, f"{_LABELS[phase]}: {failure.args[0]}", phase=phase
             ) from failure
-        return _Answer(result.status_code, result.body, result.attempts)
+        return result
 
     def _call(
         self,
@@ -355,15 +355,6 @@ class BackendSigner:
                     "is never sent to storage",
                     phase=phase,
                 )
-
-
-class _Answer:
-    __slots__ = ("attempts", "body", "status_code")
-
-    def __init__(self, status_code: int, body: bytes, attempts: int) -> None:
-        self.status_code = status_code
-        self.body = body
-        self.attempts = attempts
 
 
 def _expires_at(expires_sec: int | None) -> float | None:
