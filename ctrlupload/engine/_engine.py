@@ -28,7 +28,6 @@ from typing import Final
 
 from .._errors import (
     BackendError,
-    StorageError,
     StorageTransferError,
     TransportFailure,
     UploadTooLargeError,
@@ -54,6 +53,7 @@ from ._multipart import (
     FailureCleanups,
     PartRunner,
     PartUrls,
+    abort_noting,
     fingerprint,
 )
 from ._signer import MultipartUpload, SignedPut, Signer
@@ -394,13 +394,7 @@ class UploadEngine:
                 "again to send only the missing parts."
             )
             return
-        try:
-            self.signer.abort(key, upload_id)
-        except StorageError as abort_error:
-            logger.warning(
-                "could not abort multipart upload %s of %s: %s", upload_id, key, abort_error
-            )
-            error.add_note(f"Aborting multipart upload {upload_id} also failed: {abort_error}")
+        abort_noting(self.signer, key, upload_id, error)
         if slot is not None:
             slot.delete()
 
@@ -427,7 +421,7 @@ class UploadEngine:
         )
         if not same_file:
             logger.info("%s changed since its upload started; starting over", slot.path)
-            self._abort_quietly(key, checkpoint.upload_id)
+            abort_noting(self.signer, key, checkpoint.upload_id)  # an old upload
             slot.delete()
             return None
         listed = self.signer.list_parts(key, checkpoint.upload_id)
@@ -459,14 +453,6 @@ class UploadEngine:
             len(plan),
         )
         return MultipartUpload(checkpoint.upload_id, checkpoint.part_size), done
-
-    def _abort_quietly(self, key: str, upload_id: str) -> None:
-        try:
-            self.signer.abort(key, upload_id)
-        except Exception as abort_error:  # noqa: BLE001 - an old upload; a new one follows
-            logger.warning(
-                "could not abort multipart upload %s of %s: %s", upload_id, key, abort_error
-            )
 
 
 def _md5_of(source: SourceReader, part: Part) -> str | None:

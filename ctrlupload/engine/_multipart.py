@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from .._errors import UploadCancelled
+from .._errors import StorageError, UploadCancelled
 from ..protocol._parts import Part
-from ._signer import SignedPut
+from ._signer import SignedPut, Signer
 from ._streams import SourceReader
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "FailureCleanups",
     "PartRunner",
     "PartUrls",
+    "abort_noting",
     "fingerprint",
 ]
 
@@ -299,6 +300,19 @@ class PartUrls:
 
     def _cancelled(self) -> UploadCancelled:
         return UploadCancelled(self._key, "Part upload stopped because presigning part URLs failed")
+
+
+def abort_noting(
+    signer: Signer, key: str, upload_id: str, original: BaseException | None = None
+) -> None:
+    """Abort a multipart upload; a failure is logged, and noted on ``original`` if
+    given, never raised: the abort is cleanup, not the error the caller should see."""
+    try:
+        signer.abort(key, upload_id)
+    except StorageError as abort_error:
+        logger.warning("could not abort multipart upload %s of %s: %s", upload_id, key, abort_error)
+        if original is not None:
+            original.add_note(f"Aborting multipart upload {upload_id} also failed: {abort_error}")
 
 
 class FailureCleanups:

@@ -23,6 +23,7 @@ from .._settings import Settings
 from .._transport import HttpResult, RetryPolicy, Transport, TransportConfig
 from .._version import __version__
 from ..engine._engine import StorageResult, UploadEngine
+from ..engine._multipart import abort_noting
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut, StoredPart
 from ..engine._streams import ProgressCallback, SourceReader
 from ..protocol import (
@@ -205,7 +206,7 @@ class BackendSigner:
             # An answer that broke the contract may still name the upload it started.
             upload_id = _upload_id_in(result.body)
             if upload_id is not None:
-                self._abort_after(key, upload_id, error)
+                abort_noting(self, key, upload_id, error)
             raise
         return MultipartUpload(answer.upload_id, answer.part_size)
 
@@ -303,15 +304,6 @@ class BackendSigner:
             MultipartAbortRequest(object_key=key, upload_id=upload_id).model_dump(),
             StatusResponse,
         )
-
-    def _abort_after(self, key: str, upload_id: str, error: BaseException) -> None:
-        try:
-            self.abort(key, upload_id)
-        except BackendError as abort_error:
-            logger.warning(
-                "could not abort multipart upload %s of %s: %s", upload_id, key, abort_error
-            )
-            error.add_note(f"Aborting multipart upload {upload_id} also failed: {abort_error}")
 
     # -- sending and reading -------------------------------------------------------------
 
