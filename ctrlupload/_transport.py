@@ -359,7 +359,6 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
             )
         if not whole:
             # The rest is unread: this connection cannot carry another request.
-            response.release_conn()
             self.close()
         return urllib3.response.HTTPResponse(
             body=io.BytesIO(body),
