@@ -24,15 +24,15 @@ import enum
 import random
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from tests.support.servers import RawSocketServer, _abort
+
 __all__ = ["Exchange", "Fault", "FaultProxy", "fault_on", "random_faults"]
 
-_HOST = "127.0.0.1"
 _BLOCK = 256 * 1024
 _HEAD_LIMIT = 64 * 1024
 
@@ -154,12 +154,6 @@ def _client_speaks_first(client: socket.socket, server: socket.socket) -> bool:
     return server not in readable or client in readable
 
 
-def _reset(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 class FaultProxy:
     """A loopback HTTP proxy in front of ``upstream``, faulting what ``decide`` says.
 
@@ -176,10 +170,10 @@ class FaultProxy:
         self.upstream = upstream
         self._lock = threading.Lock()
         self._exchanges: list[Exchange] = []
-        self._listener: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
-        self._live: set[socket.socket] = set()
-        self._stopping = threading.Event()
+        # Accepting, a thread per connection, and shutting clients down on stop.
+        self._server = RawSocketServer(self._serve)
+        # Upstream sockets, shut down on stop too, so no handler waits on the server.
+        self._upstreams: set[socket.socket] = set()
 
     @property
     def exchanges(self) -> list[Exchange]:
@@ -193,35 +187,19 @@ class FaultProxy:
 
     @property
     def base_url(self) -> str:
-        assert self._listener is not None
-        host, port = self._listener.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return self._server.base_url
 
     def start(self) -> FaultProxy:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((_HOST, 0))
-        listener.listen(128)
-        self._listener = listener
-        thread = threading.Thread(target=self._accept, name="FaultProxy-accept", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._listener is not None:
-            # Wakes the accept loop: shutdown makes a blocked accept() return an error.
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
         with self._lock:
-            live = list(self._live)
-        for sock in live:
+            upstreams = list(self._upstreams)
+        for sock in upstreams:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        for thread in list(self._threads):
-            thread.join(5)
+        self._server.stop()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -234,28 +212,12 @@ class FaultProxy:
     ) -> None:
         self.stop()
 
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            thread = threading.Thread(
-                target=self._serve, args=(client,), name="FaultProxy-conn", daemon=True
-            )
-            with self._lock:
-                self._live.add(client)
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(thread)
-            thread.start()
-
     def _track(self, sock: socket.socket, live: bool) -> None:
         with self._lock:
             if live:
-                self._live.add(sock)
+                self._upstreams.add(sock)
             else:
-                self._live.discard(sock)
+                self._upstreams.discard(sock)
 
     def _serve(self, client: socket.socket) -> None:
         server: socket.socket | None = None
@@ -283,7 +245,7 @@ class FaultProxy:
                 with self._lock:
                     self._exchanges.append(Exchange(method, path, number, fault))
                 if fault is Fault.RESET_BEFORE:
-                    _reset(client)
+                    _abort(client)
                     return
                 if server is None:
                     assert self.upstream is not None, "FaultProxy.upstream is not set"
@@ -295,7 +257,7 @@ class FaultProxy:
                 source.copy(head.length, server)
                 answer = upstream.head()
                 if answer is None:
-                    _reset(client)
+                    _abort(client)
                     return
                 length = 0 if method == "HEAD" else answer.length
                 if fault is None:
@@ -304,7 +266,7 @@ class FaultProxy:
                 elif fault is Fault.CUT_ANSWER and length > 1:
                     client.sendall(answer.raw)
                     upstream.copy(length // 2, client)
-                    _reset(client)
+                    _abort(client)
                     return
                 else:
                     upstream.copy(length, None)  # the server's work is done; drop it
@@ -316,16 +278,13 @@ class FaultProxy:
                     if fault is Fault.CLOSE_BEFORE_ANSWER:
                         client.close()
                         return
-                    _reset(client)  # LOST_ANSWER, or a CUT_ANSWER with no body to cut
+                    _abort(client)  # LOST_ANSWER, or a CUT_ANSWER with no body to cut
                     return
                 if answer.closes or head.closes:
                     return
         except OSError:
             return
         finally:
-            self._track(client, False)
-            with contextlib.suppress(OSError):
-                client.close()
             if server is not None:
                 self._track(server, False)
                 with contextlib.suppress(OSError):
