@@ -331,3 +331,14 @@ def test_a_backend_on_the_s3_store_serves_no_uploads_or_downloads_itself(
         server.stop()
     assert upload.status_code == part.status_code == download.status_code == 404
     assert upload.json()["error"] == "not_found"
+
+
+def test_a_profile_that_does_not_exist_is_a_storage_config_error(
+    isolated_aws_env: pytest.MonkeyPatch,
+) -> None:
+    isolated_aws_env.setenv("AWS_PROFILE", "no-such-profile")
+
+    with pytest.raises(StorageConfigError, match="could not set up an S3 client") as caught:
+        S3ObjectStore("render-assets", region="us-east-1")
+
+    assert "no-such-profile" in str(caught.value)

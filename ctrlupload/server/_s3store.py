@@ -29,10 +29,30 @@ every S3 operation whose output is not a streaming blob: its ``_handle_200_error
 handler (``before-parse.s3.*`` in ``botocore/handlers.py``) turns such a 200, or a 200
 whose body is not even well-formed XML, into a 500 before parsing, so the call raises
 ``ClientError`` like any other error (retried only as our retry config allows, i.e.
-not). We do not rely on it alone: a completion counts only when the answer carries an
-ETag and a HEAD of the object afterwards shows the expected size. Anything else is an
-:class:`ObjectStoreError`, which the reference backend answers with 503; the upload is
-still pending in S3 then, so the client's retry of ``complete`` can succeed.
+not). We do not rely on it alone: a completion counts only when a HEAD of the object
+afterwards shows the expected size. Some S3-compatible stores answer a good completion
+with an empty ``<ETag></ETag>``; then HEAD must also show the multipart ETag computed
+from the parts' ETags (:func:`~ctrlupload.protocol._parts.multipart_etag`), since the
+size alone cannot tell the assembled object from an older one at the same key.
+Anything else is an :class:`ObjectStoreError`, which the reference backend answers with
+503; the upload is still pending in S3 then, so the client's retry of ``complete`` can
+succeed.
+
+A finished or aborted upload is ``NoSuchUpload`` on S3, but ``NoSuchKey`` on some
+S3-compatible stores; both mean :class:`~ctrlupload.server._store.NoSuchUpload` here,
+which lets the reference backend recover a completion it did not get to record.
+
+Checksums: botocore 1.36 and later add CRC32 checksum headers to every request that
+can carry one (``when_supported``), which several S3-compatible stores refuse. The
+store's own client asks for them only where an operation requires one
+(``when_required``), unless the operator chose otherwise with
+``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` or the
+profile's ``request_checksum_calculation`` / ``response_checksum_validation``. Presigned
+URLs carry no checksum either way: the PUT is sent by the client, not by botocore.
+
+Signatures are always SigV4 (``signature_version="s3v4"``): left to itself, botocore
+still presigns SigV2 in regions that accept it, such as us-east-1, and SigV2 signs no
+``Content-Length``, which S3-compatible stores often do not accept at all.
 
 Retries: none here (:data:`DEFAULT_MAX_ATTEMPTS` is 1). The reference backend answers
 an :class:`ObjectStoreError` with 503, which the client's urllib3 ``Retry`` already
@@ -42,14 +62,16 @@ fault (one retry owner per failure).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, BinaryIO, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 from .._errors import StorageConfigError, StorageError
 from .._redact import redact_text, redact_url
-from ..protocol._parts import MAX_PART_BYTES, MAX_PARTS
+from ..protocol._parts import MAX_PART_BYTES, MAX_PARTS, multipart_etag
 from ._store import (
     MAX_LIST_PARTS,
     InvalidPart,
@@ -88,6 +110,11 @@ MAX_PUT_BYTES: Final = 5 * 1024**3
 _INSTALL_HINT: Final = "pip install 'ctrlupload[s3]'"
 #: S3's answers to a completion whose part list is wrong (the client's fault, not S3's).
 _INVALID_PART_CODES: Final = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall"})
+#: S3's answer for an upload it no longer has, and what some S3-compatible stores say.
+_NO_SUCH_UPLOAD_CODES: Final = frozenset({"NoSuchUpload", "NoSuchKey"})
+#: botocore's checksum settings, set to ``when_required`` unless the operator set them.
+_CHECKSUM_SETTINGS: Final = ("request_checksum_calculation", "response_checksum_validation")
+_MD5_HEX: Final = re.compile(r"[0-9a-fA-F]{32}")
 
 
 class ObjectStoreError(StorageError):
@@ -184,6 +211,7 @@ class S3ObjectStore:
     ) -> None:
         try:
             import boto3
+            import botocore.session
             from botocore.config import Config
             from botocore.exceptions import BotoCoreError, ClientError
         except ImportError as exc:
@@ -204,18 +232,30 @@ class S3ObjectStore:
         self._bucket = bucket
         self._boto_errors: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
         if client is None:
-            config = Config(
-                signature_version="s3v4",
-                s3={"addressing_style": _addressing_style(bucket, endpoint_url)},
-                retries={"mode": "standard", "total_max_attempts": DEFAULT_MAX_ATTEMPTS},
-                connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
-                read_timeout=DEFAULT_READ_TIMEOUT_S,
-                max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS,
-            )
             # A Session of our own: boto3's default session is shared, and not thread-safe.
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region, config=config
-            )
+            core = botocore.session.Session()
+            try:
+                checksums = _checksum_defaults(
+                    os.environ, core.get_scoped_config(), Config.OPTION_DEFAULTS
+                )
+                config = Config(
+                    signature_version="s3v4",
+                    s3={"addressing_style": _addressing_style(bucket, endpoint_url)},
+                    retries={"mode": "standard", "total_max_attempts": DEFAULT_MAX_ATTEMPTS},
+                    connect_timeout=DEFAULT_CONNECT_TIMEOUT_S,
+                    read_timeout=DEFAULT_READ_TIMEOUT_S,
+                    max_pool_connections=DEFAULT_MAX_POOL_CONNECTIONS,
+                    **checksums,
+                )
+                client = boto3.session.Session(botocore_session=core).client(
+                    "s3", endpoint_url=endpoint_url, region_name=region, config=config
+                )
+            except BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile
+                raise StorageConfigError(
+                    f"The s3 object store could not set up an S3 client: "
+                    f"{redact_text(str(exc)).rstrip('.')}.",
+                    variable=None,
+                ) from exc
         self._client: _S3Client = client
         if public_base_url is not None:
             self._public_base = public_base_url.rstrip("/")
@@ -432,7 +472,8 @@ class S3ObjectStore:
             The parts in ascending order, and the marker of the next page if truncated.
 
         Raises:
-            NoSuchUpload: S3 has no such upload for this key (aborted or completed).
+            NoSuchUpload: S3 has no such upload for this key (aborted or completed), said
+                as ``NoSuchUpload`` or ``NoSuchKey``.
             ObjectStoreError: Another S3 error, or S3 could not be reached.
         """
         params: dict[str, Any] = {
@@ -446,7 +487,7 @@ class S3ObjectStore:
         try:
             response = self._client.list_parts(**params)
         except self._boto_errors as exc:
-            if _error_code_of(exc) == "NoSuchUpload":
+            if _error_code_of(exc) in _NO_SUCH_UPLOAD_CODES:
                 raise NoSuchUpload(f"S3 has no multipart upload {upload_id!r} for '{key}'") from exc
             raise self._error("ListParts", key, exc) from exc
         parts = tuple(
@@ -465,8 +506,9 @@ class S3ObjectStore:
         """Complete the upload (CompleteMultipartUpload), then check what S3 stored.
 
         A 200 answer with an error inside raises, thanks to botocore (see the module
-        docstring); an answer without an ETag, or an object whose HEAD shows another
-        size than the parts add up to, raises as well.
+        docstring). An object whose HEAD shows another size than the parts add up to
+        raises as well; so does an answer without an ETag, unless HEAD also shows the
+        multipart ETag the parts' ETags add up to.
 
         Args:
             key: The object key.
@@ -477,7 +519,8 @@ class S3ObjectStore:
             The object's size and S3's ETag for it (``"<md5 of part md5s>-N"``).
 
         Raises:
-            NoSuchUpload: S3 has no such upload for this key.
+            NoSuchUpload: S3 has no such upload for this key (``NoSuchUpload`` or
+                ``NoSuchKey``).
             InvalidPart: S3 found a part missing, out of order, different or too small.
             ObjectStoreError: Any other failure, including a 200 with an error inside.
         """
@@ -488,22 +531,16 @@ class S3ObjectStore:
             )
         except self._boto_errors as exc:
             code = _error_code_of(exc)
-            if code == "NoSuchUpload":
+            if code in _NO_SUCH_UPLOAD_CODES:
                 raise NoSuchUpload(f"S3 has no multipart upload {upload_id!r} for '{key}'") from exc
             if code in _INVALID_PART_CODES:
                 reason = _reason(exc, _status_of(exc), code)
                 raise InvalidPart(f"S3 refused the part list: {reason}") from exc
             raise self._error("CompleteMultipartUpload", key, exc) from exc
         etag = response.get("ETag")
-        if not isinstance(etag, str) or not etag:
-            raise ObjectStoreError(
-                f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
-                "without an ETag; the object may not be assembled.",
-                operation="CompleteMultipartUpload",
-                bucket=self._bucket,
-                key=key,
-            )
         expected = sum(part.size_bytes for part in parts)
+        if not isinstance(etag, str) or not etag:
+            return self._confirm_without_etag(key, parts, expected)
         stored = self.head(key)
         if stored is None or stored.size_bytes != expected:
             found = "no object" if stored is None else f"{stored.size_bytes} bytes"
@@ -516,10 +553,48 @@ class S3ObjectStore:
             )
         return ObjectInfo(size_bytes=expected, etag=etag)
 
+    def _confirm_without_etag(
+        self, key: str, parts: Sequence[StoredPart], expected: int
+    ) -> ObjectInfo:
+        """HEAD must show the assembly: the parts' total size and their multipart ETag."""
+        prefix = (
+            f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
+            "without an ETag"
+        )
+        digests = [part.etag.strip('"') for part in parts]
+        if not all(_MD5_HEX.fullmatch(digest) for digest in digests):
+            # SSE-KMS and SSE-C parts: no ETag to compare HEAD's with.
+            raise ObjectStoreError(
+                f"{prefix}, and the parts' ETags are not MD5 digests, so HEAD cannot "
+                "confirm the object was assembled.",
+                operation="CompleteMultipartUpload",
+                bucket=self._bucket,
+                key=key,
+            )
+        assembled = multipart_etag([digest.lower() for digest in digests])
+        stored = self.head(key)
+        if (
+            stored is not None
+            and stored.size_bytes == expected
+            and stored.etag.strip('"').lower() == assembled.strip('"')
+        ):
+            return ObjectInfo(size_bytes=expected, etag=assembled)
+        found = (
+            "no object" if stored is None else f"{stored.size_bytes} bytes with ETag {stored.etag}"
+        )
+        raise ObjectStoreError(
+            f"{prefix}, and HEAD then shows {found}, not {expected} bytes with ETag "
+            f"{assembled}; the object may not be assembled.",
+            operation="CompleteMultipartUpload",
+            bucket=self._bucket,
+            key=key,
+        )
+
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort the upload (AbortMultipartUpload); S3 drops its parts.
 
-        An unknown upload (``NoSuchUpload``: already aborted or completed) is fine.
+        An unknown upload (``NoSuchUpload`` or ``NoSuchKey``: already aborted or
+        completed) is fine.
 
         Raises:
             ObjectStoreError: Another S3 error, or S3 could not be reached.
@@ -527,7 +602,7 @@ class S3ObjectStore:
         try:
             self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
         except self._boto_errors as exc:
-            if _error_code_of(exc) == "NoSuchUpload":
+            if _error_code_of(exc) in _NO_SUCH_UPLOAD_CODES:
                 return
             raise self._error("AbortMultipartUpload", key, exc) from exc
 
@@ -606,6 +681,22 @@ def _is_http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _checksum_defaults(
+    environ: Mapping[str, str], profile: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, str]:
+    """``when_required`` for each checksum setting the operator left unset.
+
+    botocore reads the environment and the profile itself only for settings the
+    ``Config`` leaves at None, so a setting found in either is left to it. A botocore
+    too old to know a setting (before 1.36) adds no such checksums anyway.
+    """
+    return {
+        name: "when_required"
+        for name in _CHECKSUM_SETTINGS
+        if name in options and not environ.get(f"AWS_{name.upper()}") and name not in profile
+    }
 
 
 def _addressing_style(bucket: str, endpoint_url: str | None) -> str:
