@@ -505,7 +505,9 @@ class ReferenceBackend:
             try:
                 info = self.store.complete_multipart(key, upload_id, parts)
             except NoSuchUpload:
-                raise _no_such_upload(key, upload_id) from None
+                # Gone between listing and assembling: assembled by a completion that
+                # died before it recorded (or before the store cleaned up after it).
+                return self._recover_completion(request, digest, public_url)
             except InvalidPart as exc:
                 raise _invalid_part(str(exc)) from None
             except UploadRejected as rejected:

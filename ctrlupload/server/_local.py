@@ -10,15 +10,21 @@ signed over the method, key, upload id, part number, exact length and expiry (no
 content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
 
     objects/<key>                      the stored objects
-    meta/<key>                         their ETags, tied to size and mtime
+    meta/<key>                         their ETags, "<etag> <size> <mtime ns> <inode>"
     staging/<random>.part              bodies being received (swept at start)
     staging/multipart/<upload_id>/     one multipart upload (kept across restarts)
-        object_key                     the key it is for
-        part_size                      the size of every part but the last
         data                           the parts, written in place: part n at
-                                       (n - 1) * part_size
+                                       (n - 1) * part_size (made at initiate)
+        part_size                      the size of every part but the last
+        object_key                     the key it is for (written last, removed first)
         <n>.md5                        part n's record, "<md5 hex> <size>", written
                                        only once all its bytes are in ``data``
+
+An assembled object's meta is written before the file is renamed to its key, and
+names the file's inode, size and mtime, which the rename keeps. A meta that does not describe the
+file now at the key (left by a crash before the rename, or by an older file) is
+ignored, and the ETag is computed from the file instead. So a crash at any point of
+publishing leaves the old object or the new one, whole, with its own ETag.
 
 A part streams straight into its place in ``data``; its record is removed before its
 bytes are written and written again once they all are, so a listed part is always
@@ -30,7 +36,10 @@ and complete check; where power loss must be survived, run with ``sync_parts=Tru
 ``complete`` of consecutive whole parts truncates ``data`` to the
 object's size, fsyncs it and renames it into ``objects/``; otherwise the parts are
 copied in order into a new file first (kernel-side with ``copy_file_range`` where it
-can). A lock per upload (striped) orders part records, completion and abort.
+can). Nothing ever creates ``data`` again: an upload folder that lists parts but has no
+``data`` was published by a completion that died before removing the folder, and it
+answers ``NoSuchUpload`` (the app then checks the stored object against the part list).
+A lock per upload (striped) orders part records, completion and abort.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import quote, urlencode
@@ -223,13 +232,16 @@ class LocalObjectStore:
         target = self._path(grant.key)
         temp_path, md5_hex = self._receive_to_temp(body, grant.content_length, sync=True)
         try:
-            _publish(temp_path, target)
+            with _collisions_refused():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp_path, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             raise
         info = ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5_hex}"')
-        self._write_meta(grant.key, target, info)
+        with _collisions_refused():
+            self._write_meta(grant.key, info.etag, target.stat())
         return info
 
     def _receive_to_temp(self, body: BinaryIO, length: int, *, sync: bool) -> tuple[Path, str]:
@@ -275,7 +287,26 @@ class LocalObjectStore:
             raise NoSuchUpload(f"no multipart upload {upload_id!r}") from None
         if key is not None and stored_key != key:
             raise NoSuchUpload(f"multipart upload {upload_id!r} is not for '{key}'")
+        if not (folder / _DATA_FILE).exists():
+            self._settle_missing_data(folder, upload_id)
         return folder, stored_key
+
+    def _settle_missing_data(self, folder: Path, upload_id: str) -> None:
+        """An upload without its data file: assembled already, or started by an older version.
+
+        Completing renames the data file into ``objects/`` and only then removes the
+        folder, so a folder that still lists parts but has no data file is one whose
+        assembly was published before the process died: the upload is over. A folder
+        with no part at all was made by a version that created the data file with the
+        first part, and gets an empty one now. The caller holds the upload's lock.
+
+        Raises:
+            NoSuchUpload: The upload was assembled; its leftovers are removed.
+        """
+        if any(name.endswith(".md5") for name in os.listdir(folder)):
+            _drop_upload(folder)
+            raise NoSuchUpload(f"multipart upload {upload_id!r} was already completed")
+        os.close(os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT, 0o666))
 
     def create_multipart(self, key: str, content_type: str, part_size: int) -> str:
         """Start a multipart upload of ``key``; its id is 32 random hex digits.
@@ -287,6 +318,8 @@ class LocalObjectStore:
         upload_id = secrets.token_hex(16)
         folder = self.multipart_dir / upload_id
         folder.mkdir(parents=True)
+        # The data file first and the key last: an upload is listed only once complete.
+        os.close(os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         for name, text in ((_PART_SIZE_FILE, str(part_size)), (_KEY_FILE, key)):
             fd, temp_name = _mkstemp(self.staging_dir)
             with open(fd, "w", encoding="utf-8") as handle:
@@ -363,7 +396,8 @@ class LocalObjectStore:
             with contextlib.suppress(FileNotFoundError):
                 record.unlink()
             try:
-                fd = os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT, 0o666)
+                # Never created here: a missing data file was assembled (or aborted).
+                fd = os.open(folder / _DATA_FILE, os.O_WRONLY)
             except FileNotFoundError:
                 raise NoSuchUpload(f"no multipart upload {grant.upload_id!r}") from None
             md5 = hashlib.md5(usedforsecurity=False)
@@ -435,7 +469,8 @@ class LocalObjectStore:
         copy run under the upload's lock, so a part re-sent meanwhile cannot slip in.
 
         Raises:
-            NoSuchUpload: No such upload for this key.
+            NoSuchUpload: No such upload for this key, or it was assembled already (a
+                crash came after publishing and before the folder was removed).
             InvalidPart: A part is missing or differs from the one given.
             UploadRejected: 400 ``InvalidArgument`` when the file system cannot hold the
                 key.
@@ -454,7 +489,6 @@ class LocalObjectStore:
                     wanted.size_bytes,
                 ):
                     raise InvalidPart(f"part {wanted.part_number} changed since it was listed")
-            target = self._path(key)
             part_size = self._part_size(folder)
             total = sum(part.size_bytes for part in parts)
             in_place = all(
@@ -462,26 +496,30 @@ class LocalObjectStore:
                 and (part.size_bytes == part_size or index == len(parts) - 1)
                 for index, part in enumerate(parts)
             )
+            etag = multipart_etag([bare_etag(part.etag) for part in parts])
             data = folder / _DATA_FILE
             if in_place:
                 # Parts 1..N already sit end to end: cut off anything past the last one.
-                with open(data, "ab") as out:
-                    out.truncate(total)
-                    os.fsync(out.fileno())
-                _publish(data, target)
+                # Opened without O_CREAT: once published, the data file is gone, and a
+                # new empty one would be padded out to the object's size with zeros.
+                try:
+                    fd = os.open(data, os.O_WRONLY)
+                except FileNotFoundError:
+                    raise NoSuchUpload(f"multipart upload {upload_id!r} is completed") from None
+                try:
+                    os.ftruncate(fd, total)
+                    os.fsync(fd)
+                    info = self._publish(key, fd, data, etag)
+                finally:
+                    os.close(fd)
             else:
-                self._assemble_copy(data, part_size, parts, target)
-            info = ObjectInfo(
-                size_bytes=sum(part.size_bytes for part in parts),
-                etag=multipart_etag([bare_etag(part.etag) for part in parts]),
-            )
-            self._write_meta(key, target, info)
-            shutil.rmtree(folder, ignore_errors=True)
+                info = self._assemble_copy(key, data, part_size, parts, etag)
+            _drop_upload(folder)
         return info
 
     def _assemble_copy(
-        self, data: Path, part_size: int, parts: Sequence[StoredPart], target: Path
-    ) -> None:
+        self, key: str, data: Path, part_size: int, parts: Sequence[StoredPart], etag: str
+    ) -> ObjectInfo:
         """Copy non-consecutive parts out of the data file into the object, in order."""
         fd, temp_name = _mkstemp(self.staging_dir)
         temp_path = Path(temp_name)
@@ -493,7 +531,7 @@ class LocalObjectStore:
                     if copied != wanted.size_bytes:
                         raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
                 os.fsync(out.fileno())
-            _publish(temp_path, target)
+                return self._publish(key, out.fileno(), temp_path, etag)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
@@ -506,25 +544,42 @@ class LocalObjectStore:
                 folder, _ = self._open_upload(upload_id, key)
             except NoSuchUpload:
                 return
-            shutil.rmtree(folder, ignore_errors=True)
+            _drop_upload(folder)
 
-    def _write_meta(self, key: str, target: Path, info: ObjectInfo) -> None:
-        """Remember the ETag beside the object, tied to the file's size and mtime."""
-        stat = target.stat()
+    def _publish(self, key: str, fd: int, path: Path, etag: str) -> ObjectInfo:
+        """Rename the finished file ``path`` (open as ``fd``) over the object at ``key``.
+
+        The meta goes first, tied to the file's own inode, size and mtime, which the
+        rename keeps: a meta left by a crash before the rename describes no file at the
+        key and is ignored, and once the file is at the key its meta is already there.
+
+        Raises:
+            UploadRejected: 400 when the file system cannot hold the key.
+        """
+        stat = os.fstat(fd)
+        with _collisions_refused():
+            self._write_meta(key, etag, stat)
+            target = self._path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        return ObjectInfo(size_bytes=stat.st_size, etag=etag)
+
+    def _write_meta(self, key: str, etag: str, stat: os.stat_result) -> None:
+        """Remember the ETag of the file ``stat`` describes, atomically."""
         meta = self._meta_path(key)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = _mkstemp(self.staging_dir)
-        with open(fd, "w", encoding="ascii") as handle:
-            handle.write(f"{info.etag} {stat.st_size} {stat.st_mtime_ns}")
-        os.replace(temp_name, meta)
+        _write_small(self.staging_dir, meta, _meta_text(etag, stat))
 
     def _read_meta(self, key: str, stat: os.stat_result) -> ObjectInfo | None:
+        """The remembered ETag, if it was written for the very file ``stat`` describes."""
         try:
-            etag, size, mtime_ns = self._meta_path(key).read_text(encoding="ascii").split()
-        except (OSError, ValueError):
+            etag, *tied = self._meta_path(key).read_text(encoding="ascii").split()
+        except (OSError, UnicodeDecodeError, ValueError):
             return None
-        if int(size) != stat.st_size or int(mtime_ns) != stat.st_mtime_ns:
-            return None  # the file changed behind our back: recompute
+        own = [str(stat.st_size), str(stat.st_mtime_ns), str(stat.st_ino)]
+        # Older versions wrote no inode (and wrote the meta after the rename).
+        if tied not in (own, own[:2]):
+            return None  # another file, or one changed behind our back: recompute
         return ObjectInfo(size_bytes=stat.st_size, etag=etag)
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -597,11 +652,11 @@ def _write_small(staging: Path, path: Path, text: str) -> None:
     os.replace(temp_name, path)
 
 
-def _publish(temp_path: Path, target: Path) -> None:
-    """Rename a finished staging file over ``target``; 400 when the key cannot be a path."""
+@contextlib.contextmanager
+def _collisions_refused() -> Iterator[None]:
+    """400 for a key the file system cannot hold as a path under ``objects/`` or ``meta/``."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp_path, target)
+        yield
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
             raise UploadRejected(
@@ -611,6 +666,17 @@ def _publish(temp_path: Path, target: Path) -> None:
                 "it collides with an object or folder of the same name)",
             ) from exc
         raise
+
+
+def _meta_text(etag: str, stat: os.stat_result) -> str:
+    return f"{etag} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+
+
+def _drop_upload(folder: Path) -> None:
+    """Remove an upload's folder, its key first: a half-removed folder is no upload."""
+    with contextlib.suppress(FileNotFoundError):
+        (folder / _KEY_FILE).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _copy_range(source_fd: int, target_fd: int, length: int) -> int:
