@@ -7,19 +7,23 @@ with every object whole, its ETag its own, and a record only for an object that 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from ctrlupload.protocol import multipart_etag
-from ctrlupload.server import StoredPart
+from ctrlupload.server import LocalObjectStore, ObjectInfo, StoredPart
+from ctrlupload.server._store import PartGrant, UploadGrant
 from tests.support.local_backend import SMALL_PART, local_backend, md5_hex
 from tests.support.serve_process import REPO_ROOT, child_env
 
@@ -177,3 +181,104 @@ def test_a_server_killed_while_publishing_leaves_the_old_or_the_new_object_whole
         assert answer.json()["etag"] == parts_etag(data)
         assert backend.get(KEY).content == data
         assert backend.store.head(KEY) == type(stored)(len(data), parts_etag(data))
+
+
+# -- concurrent writers of one key ----------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalObjectStore]:
+    local = LocalObjectStore(tmp_path / "store", "http://127.0.0.1:1")
+    yield local
+    close = getattr(local, "close", None)
+    if close is not None:
+        close()
+
+
+def grant_for(body: bytes) -> UploadGrant:
+    return UploadGrant(KEY, "video/mp4", len(body), 2**40)
+
+
+class PublishGate:
+    """Holds one thread at its rename into ``objects/`` until another thread's rename.
+
+    ``holder`` waits there (before or after its own rename) until ``releaser`` has
+    renamed, or ``patience_s`` passes: a store that orders publishing per key keeps
+    ``releaser`` out meanwhile, so the wait runs out and the two publish one by one.
+    """
+
+    def __init__(self, objects: Path, holder: str, releaser: str, *, hold_before: bool) -> None:
+        self.objects = objects.resolve()
+        self.holder, self.releaser, self.hold_before = holder, releaser, hold_before
+        self.holding = threading.Event()
+        self.released = threading.Event()
+        self._real = os.replace
+
+    def replace(self, source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        name = threading.current_thread().name
+        publishing = Path(target).resolve().is_relative_to(self.objects)
+        if publishing and name == self.holder and self.hold_before:
+            self.holding.set()
+            self.released.wait(timeout=PATIENCE_S)
+        self._real(source, target)
+        if publishing and name == self.holder and not self.hold_before:
+            self.holding.set()
+            self.released.wait(timeout=PATIENCE_S)
+        if publishing and name == self.releaser:
+            self.released.set()
+
+
+#: How long a held publisher waits for another one that a correct store keeps out.
+PATIENCE_S = 0.5
+
+
+def run_named(name: str, target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_concurrent_puts_of_one_key_leave_the_etag_of_the_body_stored(
+    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = os.urandom(4096), os.urandom(4096)
+    gate = PublishGate(store.objects_dir, "first", "second", hold_before=False)
+    monkeypatch.setattr(os, "replace", gate.replace)
+
+    one = run_named("first", lambda: store.receive(grant_for(first), io.BytesIO(first)))
+    assert gate.holding.wait(timeout=10)
+    two = run_named("second", lambda: store.receive(grant_for(second), io.BytesIO(second)))
+    one.join(timeout=10)
+    two.join(timeout=10)
+
+    stored = (store.objects_dir / KEY).read_bytes()
+    assert stored in (first, second)
+    assert store.head(KEY) == ObjectInfo(len(stored), f'"{md5_hex(stored)}"')
+
+
+def test_a_put_racing_a_multipart_complete_keeps_the_meta_of_the_file_at_the_key(
+    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, single = os.urandom(2 * SMALL_PART), os.urandom(100)
+    upload_id = store.create_multipart(KEY, "video/mp4", SMALL_PART)
+    parts = []
+    for number in (1, 2):
+        body = data[(number - 1) * SMALL_PART : number * SMALL_PART]
+        grant = PartGrant(KEY, upload_id, number, len(body), 2**40)
+        parts.append(
+            StoredPart(number, store.receive_part(grant, io.BytesIO(body)).etag, len(body))
+        )
+    gate = PublishGate(store.objects_dir, "complete", "put", hold_before=True)
+    monkeypatch.setattr(os, "replace", gate.replace)
+
+    one = run_named("complete", lambda: store.complete_multipart(KEY, upload_id, parts))
+    assert gate.holding.wait(timeout=10)
+    two = run_named("put", lambda: store.receive(grant_for(single), io.BytesIO(single)))
+    one.join(timeout=10)
+    two.join(timeout=10)
+
+    stored = (store.objects_dir / KEY).read_bytes()
+    # The multipart ETag cannot be computed from the file: it lives in the meta only.
+    expected = parts_etag(data) if stored == data else f'"{md5_hex(single)}"'
+    assert stored in (data, single)
+    assert store.head(KEY) == ObjectInfo(len(stored), expected)

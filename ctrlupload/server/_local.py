@@ -20,11 +20,13 @@ content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
         <n>.md5                        part n's record, "<md5 hex> <size>", written
                                        only once all its bytes are in ``data``
 
-An assembled object's meta is written before the file is renamed to its key, and
-names the file's inode, size and mtime, which the rename keeps. A meta that does not describe the
+An object's meta is written before the file is renamed to its key, and names the
+file's inode, size and mtime, which the rename keeps. A meta that does not describe the
 file now at the key (left by a crash before the rename, or by an older file) is
 ignored, and the ETag is computed from the file instead. So a crash at any point of
-publishing leaves the old object or the new one, whole, with its own ETag.
+publishing leaves the old object or the new one, whole, with its own ETag. Publishing
+(meta, then rename) and deleting take a lock per key (striped), so the meta at a key is
+always that of the file there, even when writers race.
 
 A part streams straight into its place in ``data``; its record is removed before its
 bytes are written and written again once they all are, so a listed part is always
@@ -172,6 +174,7 @@ class LocalObjectStore:
         self._lock = threading.Lock()
         self._upload_lock = StripedLocks()
         self._part_lock = StripedLocks()
+        self._key_lock = StripedLocks()
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(data_dir={str(self.data_dir)!r}, base_url={self.base_url!r})"
@@ -229,23 +232,18 @@ class LocalObjectStore:
         Raises:
             IncompleteBody: The body ended early; nothing is stored.
         """
-        target = self._path(grant.key)
-        temp_path, md5_hex = self._receive_to_temp(body, grant.content_length, sync=True)
+        temp_path, md5_hex, stat = self._receive_to_temp(body, grant.content_length, sync=True)
         try:
-            with _collisions_refused():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp_path, target)
+            return self._publish(grant.key, stat, temp_path, f'"{md5_hex}"')
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             raise
-        info = ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5_hex}"')
-        with _collisions_refused():
-            self._write_meta(grant.key, info.etag, target.stat())
-        return info
 
-    def _receive_to_temp(self, body: BinaryIO, length: int, *, sync: bool) -> tuple[Path, str]:
-        """Stream exactly ``length`` bytes into a staging file; its path and MD5."""
+    def _receive_to_temp(
+        self, body: BinaryIO, length: int, *, sync: bool
+    ) -> tuple[Path, str, os.stat_result]:
+        """Stream exactly ``length`` bytes into a staging file; its path, MD5 and fstat."""
         md5 = hashlib.md5(usedforsecurity=False)
         fd, temp_name = _mkstemp(self.staging_dir)
         temp_path = Path(temp_name)
@@ -261,11 +259,12 @@ class LocalObjectStore:
                     remaining -= len(block)
                 if sync:
                     os.fsync(handle.fileno())
+                stat = os.fstat(handle.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             raise
-        return temp_path, md5.hexdigest()
+        return temp_path, md5.hexdigest(), stat
 
     # -- multipart uploads -----------------------------------------------------------
 
@@ -509,7 +508,7 @@ class LocalObjectStore:
                 try:
                     os.ftruncate(fd, total)
                     os.fsync(fd)
-                    info = self._publish(key, fd, data, etag)
+                    info = self._publish(key, os.fstat(fd), data, etag)
                 finally:
                     os.close(fd)
             else:
@@ -531,7 +530,7 @@ class LocalObjectStore:
                     if copied != wanted.size_bytes:
                         raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
                 os.fsync(out.fileno())
-                return self._publish(key, out.fileno(), temp_path, etag)
+                return self._publish(key, os.fstat(out.fileno()), temp_path, etag)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
@@ -546,18 +545,20 @@ class LocalObjectStore:
                 return
             _drop_upload(folder)
 
-    def _publish(self, key: str, fd: int, path: Path, etag: str) -> ObjectInfo:
-        """Rename the finished file ``path`` (open as ``fd``) over the object at ``key``.
+    def _publish(self, key: str, stat: os.stat_result, path: Path, etag: str) -> ObjectInfo:
+        """Rename the finished file ``path`` (``stat`` is its fstat) over the object at ``key``.
 
         The meta goes first, tied to the file's own inode, size and mtime, which the
         rename keeps: a meta left by a crash before the rename describes no file at the
         key and is ignored, and once the file is at the key its meta is already there.
+        Publishing and deleting are ordered per key, so that the meta at a key is that
+        of the file at the key (two PUTs racing cannot leave one's meta beside the other's
+        file, which would lose a multipart ETag: it cannot be recomputed from the bytes).
 
         Raises:
             UploadRejected: 400 when the file system cannot hold the key.
         """
-        stat = os.fstat(fd)
-        with _collisions_refused():
+        with self._key_lock(key), _collisions_refused():
             self._write_meta(key, etag, stat)
             target = self._path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -625,13 +626,14 @@ class LocalObjectStore:
             raise
 
     def delete(self, key: str) -> None:
-        """Remove the file; a missing file is fine."""
-        for path in (self._path(key), self._meta_path(key)):
-            try:
-                path.unlink()
-            except OSError as exc:
-                if not _means_absent(exc):
-                    raise
+        """Remove the file and its meta; a missing file is fine."""
+        with self._key_lock(key):
+            for path in (self._path(key), self._meta_path(key)):
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    if not _means_absent(exc):
+                        raise
 
 
 def _expiry(expires: str | None, signature: str | None) -> int:
@@ -647,9 +649,14 @@ def _expiry(expires: str | None, signature: str | None) -> int:
 def _write_small(staging: Path, path: Path, text: str) -> None:
     """Replace a small text file atomically."""
     fd, temp_name = _mkstemp(staging)
-    with open(fd, "w", encoding="ascii") as handle:
-        handle.write(text)
-    os.replace(temp_name, path)
+    try:
+        with open(fd, "w", encoding="ascii") as handle:
+            handle.write(text)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
 
 
 @contextlib.contextmanager
