@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -18,14 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._errors import StorageError
+from ._errors import StorageConfigError, StorageError
 from ._keys import render_asset_key
 from ._settings import Settings
 from ._version import __version__
 from .providers import BackendPresignedStorageProvider, get_storage_provider
 
 if TYPE_CHECKING:
-    from .server import ReferenceServer
+    from .server import ReferenceServer, ServerConfig
 
 EXIT_FAILURE = 1
 
@@ -53,22 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctrlupload {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the reference backend")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port to bind (8080; 0 = any)")
-    serve.add_argument("--store", choices=("local", "s3"), default="local")
-    serve.add_argument("--data-dir", type=Path, default=Path("ctrlupload-data"))
-    serve.add_argument(
-        "--db-path", type=Path, help="SQLite file of asset rows (default DATA_DIR/assets.sqlite3)"
-    )
-    serve.add_argument(
-        "--public-url", help="URL clients reach this server at (default http://HOST:PORT)"
-    )
-    serve.add_argument("--s3-bucket", default=os.environ.get("STORAGE_S3_BUCKET"))
-    serve.add_argument("--s3-endpoint-url", default=os.environ.get("STORAGE_S3_ENDPOINT_URL"))
-    serve.add_argument("--s3-region", default=os.environ.get("STORAGE_S3_REGION"))
-    serve.add_argument("--s3-public-base-url", default=os.environ.get("STORAGE_S3_PUBLIC_BASE_URL"))
-    serve.set_defaults(run=_serve)
+    _add_serve(commands)
 
     put = commands.add_parser("put", help="upload one file with the configured provider")
     put.add_argument("file", type=Path)
@@ -87,33 +74,286 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="keep the backend's data here (default: a temp dir)"
     )
     demo.set_defaults(run=_demo)
+
+    conformance = commands.add_parser(
+        "conformance",
+        help="check a backend against the internal storage API contract",
+        description=(
+            "Run every contract check against the backend at BASE_URL (token from "
+            "BACKEND_SERVICE_TOKEN, paths from BACKEND_STORAGE_*_PATH) and print PASS, "
+            "FAIL or SKIP per check. Exit status 0 only if the backend conforms."
+        ),
+    )
+    conformance.add_argument("base_url", metavar="BASE_URL", help="e.g. http://backend:8080")
+    conformance.add_argument(
+        "--skip-multipart", action="store_true", help="skip the optional multipart checks"
+    )
+    conformance.add_argument(
+        "--skip-put-refusals",
+        action="store_true",
+        help="do not expect storage to refuse a PUT with another Content-Type or length "
+        "(for S3 emulators that check no signatures, such as moto)",
+    )
+    conformance.set_defaults(run=_conformance_cmd)
     return parser
 
 
 # -- serve -----------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from .server import ReferenceServer, ServerConfig
+def _add_serve(commands: Any) -> None:
+    from .server import ServerConfig, ServerLimits
 
-    settings = Settings.from_env()
-    token = settings.backend_service_token
-    config = ServerConfig(
+    defaults, limits = ServerConfig(), ServerLimits()
+    serve = commands.add_parser(
+        "serve",
+        help="run the reference backend",
+        description="Run the reference backend: the internal storage API, on cheroot.",
+        formatter_class=_DefaultsShown,
+    )
+    where = serve.add_argument_group("where")
+    where.add_argument("--host", default=defaults.host, help="address to bind")
+    where.add_argument("--port", type=_port, default=defaults.port, help="port to bind; 0 = any")
+    where.add_argument(
+        "--public-url", help="URL clients reach this server at (default: http://HOST:PORT)"
+    )
+    store = serve.add_argument_group("store")
+    store.add_argument(
+        "--store",
+        choices=("local", "s3"),
+        default=defaults.store,
+        help="local: files under DATA_DIR; s3: a bucket (pip install 'ctrlupload[s3]')",
+    )
+    store.add_argument(
+        "--data-dir",
+        type=Path,
+        default=defaults.data_dir,
+        help="objects (local store), the SQLite rows and the signing key; one server each",
+    )
+    store.add_argument(
+        "--db-path", type=Path, help="SQLite file of asset rows (default: DATA_DIR/assets.sqlite3)"
+    )
+    store.add_argument(
+        "--signing-secret-file",
+        type=Path,
+        help="HMAC key of the local store's upload URLs (at least 32 bytes); URLs issued "
+        "before a restart keep working while the key stays the same (default: "
+        "$CTRLUPLOAD_SIGNING_SECRET, else DATA_DIR/signing.key, made on first start)",
+    )
+    store.add_argument(
+        "--sync-parts",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.sync_parts,
+        help="fsync each multipart part as it arrives (local store), to survive power loss",
+    )
+    for flag, env in (
+        ("--s3-bucket", "STORAGE_S3_BUCKET"),
+        ("--s3-endpoint-url", "STORAGE_S3_ENDPOINT_URL"),
+        ("--s3-region", "STORAGE_S3_REGION"),
+        ("--s3-public-base-url", "STORAGE_S3_PUBLIC_BASE_URL"),
+    ):
+        store.add_argument(
+            flag, default=os.environ.get(env), help=f"s3 store (default: ${env}, if set)"
+        )
+    api = serve.add_argument_group("uploads")
+    api.add_argument(
+        "--url-expiry-s",
+        type=_positive_int,
+        default=defaults.expires_sec,
+        help="lifetime of presigned URLs",
+    )
+    api.add_argument(
+        "--max-put-bytes",
+        type=_positive_int,
+        default=defaults.max_content_length,
+        help="largest single PUT presign accepts (S3: 5 GiB)",
+    )
+    api.add_argument(
+        "--max-object-bytes",
+        type=_positive_int,
+        default=defaults.max_object_bytes,
+        help="largest multipart upload initiate accepts (S3: 5 TiB)",
+    )
+    api.add_argument(
+        "--min-part-bytes",
+        type=_positive_int,
+        default=defaults.min_part_bytes,
+        help="smallest part but the last (S3: 5 MiB)",
+    )
+    api.add_argument(
+        "--part-bytes",
+        type=_positive_int,
+        default=defaults.default_part_bytes,
+        help="part size answered when a client asks for none",
+    )
+    http = serve.add_argument_group("HTTP server limits")
+    http.add_argument(
+        "--threads", type=_positive_int, default=limits.threads, help="requests served at once"
+    )
+    http.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=limits.max_connections,
+        help="open connections at most (also bounded by ulimit -n); at the cap the idlest "
+        "one is closed",
+    )
+    http.add_argument(
+        "--backlog", type=_positive_int, default=limits.backlog, help="listen() backlog"
+    )
+    http.add_argument(
+        "--header-timeout-s",
+        type=_positive_float,
+        default=limits.header_timeout_s,
+        help="time from a request's first byte to the end of its headers",
+    )
+    http.add_argument(
+        "--idle-timeout-s",
+        type=_positive_float,
+        default=limits.idle_timeout_s,
+        help="silence allowed between requests or mid-body",
+    )
+    http.add_argument(
+        "--shutdown-timeout-s",
+        type=_non_negative_float,
+        default=limits.shutdown_timeout_s,
+        help="on SIGTERM or Ctrl-C, how long requests in flight may finish",
+    )
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one line per request on stderr: method, path without query, status, bytes "
+        "in and out, duration",
+    )
+    serve.set_defaults(run=_serve)
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``; options without one say theirs in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default: " in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _signing_secret(args: argparse.Namespace) -> bytes | None:
+    """The secret from --signing-secret-file or $CTRLUPLOAD_SIGNING_SECRET; None: the store's."""
+    secret_file: Path | None = args.signing_secret_file
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise StorageConfigError(
+                f"cannot read --signing-secret-file {args.signing_secret_file}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        source = f"--signing-secret-file {args.signing_secret_file}"
+    elif os.environ.get("CTRLUPLOAD_SIGNING_SECRET"):
+        secret = str(os.environ["CTRLUPLOAD_SIGNING_SECRET"]).encode("utf-8")
+        source = "CTRLUPLOAD_SIGNING_SECRET"
+    else:
+        return None
+    if len(secret) < MIN_SIGNING_SECRET_BYTES:
+        raise StorageConfigError(
+            f"the signing secret from {source} is {len(secret)} bytes; it needs at least "
+            f"{MIN_SIGNING_SECRET_BYTES}"
+        )
+    return secret
+
+
+#: The shortest signing secret ``serve`` takes: 256 bits, as HMAC-SHA256's key.
+MIN_SIGNING_SECRET_BYTES = 32
+
+
+def _serve_config(args: argparse.Namespace, token: str | None) -> ServerConfig:
+    from .server import ServerConfig, ServerLimits
+
+    return ServerConfig(
         host=args.host,
         port=args.port,
         store=args.store,
         data_dir=args.data_dir,
         db_path=args.db_path,
-        token=token.get_secret_value() if token else None,
+        token=token,
         public_url=args.public_url,
+        max_content_length=args.max_put_bytes,
+        expires_sec=args.url_expiry_s,
+        signing_secret=_signing_secret(args),
         s3_bucket=args.s3_bucket,
         s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region,
         s3_public_base_url=args.s3_public_base_url,
+        max_object_bytes=args.max_object_bytes,
+        min_part_bytes=args.min_part_bytes,
+        default_part_bytes=args.part_bytes,
+        sync_parts=args.sync_parts,
+        limits=ServerLimits(
+            threads=args.threads,
+            max_connections=args.max_connections,
+            backlog=args.backlog,
+            header_timeout_s=args.header_timeout_s,
+            idle_timeout_s=args.idle_timeout_s,
+            shutdown_timeout_s=args.shutdown_timeout_s,
+        ),
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ReferenceServer
+
+    settings = Settings.from_env()
+    secret = settings.backend_service_token
+    token = secret.get_secret_value() if secret else None
+    _log_to_stderr(access_log=args.access_log)
     try:
-        server = ReferenceServer(config)
-    except (OSError, ValueError, StorageError) as exc:
+        server = ReferenceServer(_serve_config(args, token))
+    except (OSError, ValueError, StorageError, ImportError) as exc:
         print(f"ctrlupload: error: cannot start the backend: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     try:
@@ -123,13 +363,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ctrlupload: error: cannot start the backend: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     _stop_on_sigterm(server)  # before announcing: a supervisor may stop us right after
-    print(f"ctrlupload reference backend ({args.store} store) serving", flush=True)
-    print(f"BACKEND_BASE_URL={server.base_url}", flush=True)
+    host, port = server.address
+    print(
+        f"ctrlupload reference backend ({args.store} store) serving on {host}:{port}; "
+        f"{server.limits_text()}",
+        flush=True,
+    )
+    print("# for the renderer's shell:", flush=True)
+    print("export STORAGE_PROVIDER=backend_presigned", flush=True)
+    print(f"export BACKEND_BASE_URL={shlex.quote(server.base_url)}", flush=True)
     if token is None:
         # Generated here, so the operator has no other way to learn it.
-        print(f"BACKEND_SERVICE_TOKEN={server.token}", flush=True)
+        print(f"export BACKEND_SERVICE_TOKEN={shlex.quote(server.token)}", flush=True)
     else:
-        print("BACKEND_SERVICE_TOKEN is taken from the environment", flush=True)
+        print("# BACKEND_SERVICE_TOKEN: the one in this server's environment", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -138,6 +385,19 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
     print("ctrlupload reference backend stopped", flush=True)
     return 0
+
+
+def _log_to_stderr(*, access_log: bool) -> None:
+    """Server logs (and the access log, unless turned off) as lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    server_logger = logging.getLogger("ctrlupload.server")
+    server_logger.addHandler(handler)
+    server_logger.setLevel(logging.INFO)
+    server_logger.propagate = False
+    logging.getLogger("ctrlupload.server.access").setLevel(
+        logging.INFO if access_log else logging.WARNING
+    )
 
 
 def _stop_on_sigterm(server: ReferenceServer) -> None:
@@ -211,6 +471,31 @@ def _progress_bar(label: str, stream: TextIO) -> _TextProgress:
     return _TextProgress(label, stream)
 
 
+# -- conformance -----------------------------------------------------------------------
+
+
+def _conformance_cmd(args: argparse.Namespace) -> int:
+    from ._conformance import run_conformance
+
+    settings = Settings.from_env()
+    token = settings.backend_service_token
+    if token is None:
+        print(
+            "ctrlupload: error: BACKEND_SERVICE_TOKEN is not set: "
+            "the conformance check needs the backend's service token",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return run_conformance(
+        args.base_url,
+        token.get_secret_value(),
+        settings=settings,
+        out=sys.stdout,
+        skip_multipart=args.skip_multipart,
+        skip_put_refusals=args.skip_put_refusals,
+    )
+
+
 # -- demo ------------------------------------------------------------------------------
 
 _SUBTITLES = (
@@ -232,6 +517,11 @@ def _sample_render(folder: Path, video_mib: int) -> dict[str, Path]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .server import WSGIServer  # noqa: F401 - cheroot is there, or say how to get it
+    except ImportError as exc:
+        print(f"ctrlupload: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     from .server import ReferenceServer, ServerConfig
 
     with tempfile.TemporaryDirectory(prefix="ctrlupload-demo-") as scratch:
