@@ -73,6 +73,7 @@ class RedactingFilter(logging.Filter):
 _FILTERED_LOGGERS = (
     "ctrlupload",
     "ctrlupload.server",
+    "ctrlupload.server.access",
     "urllib3",
     "urllib3.connectionpool",
     "urllib3.connection",

@@ -192,7 +192,14 @@ def test_serve_announces_a_generated_token_answers_and_stops_on_sigterm(
     assert took < 5
     assert "ctrlupload reference backend stopped" in serve.stdout
     assert "Traceback" not in serve.stderr
-    assert serve.stderr == ""
+    # stderr holds the access log, one line per request, and nothing else.
+    lines = serve.stderr.splitlines()
+    assert lines
+    assert all(" INFO ctrlupload.server.access: 127.0.0.1 " in line for line in lines), lines
+    assert any(" GET /healthz 200 in=0 out=16 " in line for line in lines)
+    assert any(f" PUT /upload/{key} 200 in={2 * MIB} out=0 " in line for line in lines)
+    assert not any("signature" in line or "?" in line for line in lines)
+    assert serve.token not in serve.stderr
     db = AssetDB(data_dir / "assets.sqlite3")
     try:
         row = db.get(key)
@@ -211,7 +218,7 @@ def test_serve_uses_the_token_from_the_environment_without_printing_it(
 
     with ServeProcess(tmp_path / "data", env=env, cwd=tmp_path) as serve:
         assert serve.token is None
-        assert serve.token_line == "BACKEND_SERVICE_TOKEN is taken from the environment"
+        assert serve.token_line == "BACKEND_SERVICE_TOKEN: the one in this server's environment"
         _upload_and_download(serve.base_url, token, source, "videos/V-CLI/S-1/JOB-2/thumb.jpg")
         wrong = requests.post(
             f"{serve.base_url}/internal/storage/presign-put",
@@ -254,7 +261,8 @@ def test_serve_on_a_port_in_use_exits_1_with_a_clear_message(tmp_path: Path) -> 
 
 def test_serve_stopped_during_an_upload_leaves_no_staging_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with ServeProcess(data_dir, env=_settings_free_env(), cwd=tmp_path) as serve:
+    args = ("--port", "0", "--shutdown-timeout-s", "0.5")
+    with ServeProcess(data_dir, env=_settings_free_env(), cwd=tmp_path, args=args) as serve:
         assert serve.token is not None
         presign = presign_put(
             serve.base_url, serve.token, "videos/V-CLI/S-1/JOB-3/video.mp4", "video/mp4", 8 * MIB
@@ -263,10 +271,44 @@ def test_serve_stopped_during_an_upload_leaves_no_staging_file(tmp_path: Path) -
         try:
             staging = data_dir / "staging"
             assert wait_until(lambda: any(staging.iterdir()))
+            # The stalled upload gets its grace period, then its connection is cut.
             assert serve.stop(signal.SIGTERM, timeout_s=5) == 0
         finally:
             hang_up(conn, reset=False)
         assert list(staging.iterdir()) == []
+
+
+def test_serve_lets_an_upload_in_flight_finish_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    key = "videos/V-CLI/S-1/JOB-4/video.mp4"
+    args = ("--port", "0", "--shutdown-timeout-s", "30")
+    with ServeProcess(data_dir, env=_settings_free_env(), cwd=tmp_path, args=args) as serve:
+        assert serve.token is not None
+        presign = presign_put(serve.base_url, serve.token, key, "video/mp4", 2 * MIB)
+        conn = start_partial_put(presign["upload_url"], presign["headers"], 2 * MIB, MIB)
+        try:
+            assert wait_until(lambda: any((data_dir / "staging").iterdir()))
+            assert serve.process is not None
+            serve.process.send_signal(signal.SIGTERM)
+            # A new client is refused once the server has begun to stop...
+            assert wait_until(lambda: not _accepts(serve.base_url))
+            # ...while the upload in flight is read to its end and answered.
+            conn.sendall(b"\0" * MIB)
+            answer = conn.recv(4096)
+        finally:
+            hang_up(conn, reset=False)
+        assert serve.stop(signal.SIGTERM, timeout_s=10) == 0
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert (data_dir / "objects" / key).stat().st_size == 2 * MIB
+
+
+def _accepts(base_url: str) -> bool:
+    url = urlsplit(base_url)
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 # -- put -------------------------------------------------------------------------------

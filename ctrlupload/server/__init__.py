@@ -14,12 +14,17 @@ Client modules never import this package.
         print(server.base_url, server.token)
 """
 
+from typing import TYPE_CHECKING
+
 from ._app import ApiPaths, ReferenceBackend, openapi_document
 from ._db import AssetDB, AssetRow, UploadRow
+from ._limits import ServerLimits
 from ._local import LocalObjectStore
 from ._runtime import ReferenceServer, ServerConfig
 from ._store import ObjectInfo, ObjectStore, PartsPage, PresignedPut, StoredPart
-from ._wsgi import WSGIServer
+
+if TYPE_CHECKING:
+    from ._http import WSGIServer
 
 __all__ = [
     "ApiPaths",
@@ -33,8 +38,18 @@ __all__ = [
     "ReferenceBackend",
     "ReferenceServer",
     "ServerConfig",
+    "ServerLimits",
     "StoredPart",
     "UploadRow",
     "WSGIServer",
     "openapi_document",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The HTTP server needs cheroot (ctrlupload[server]); the rest of this package not.
+    if name == "WSGIServer":
+        from ._http import WSGIServer
+
+        return WSGIServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The reference backend as a WSGI application: the seed's internal storage API.
 
-Mount it in any WSGI server, or run it with :mod:`ctrlupload.server._wsgi` (threaded,
-HTTP/1.1 keep-alive, stdlib only). Routes:
+Mount it in any WSGI server, or run it with :class:`ctrlupload.server.WSGIServer` (cheroot,
+threaded, HTTP/1.1 keep-alive). Routes:
 
 * ``POST {presign path}``, ``POST {complete path}``, ``POST {delete path}``: the
   internal API, bearer-token protected (``openapi.yaml`` beside this file).
@@ -171,6 +171,8 @@ class ReferenceBackend:
             store may lower it.
         max_list_parts: Most parts in one list-parts page (1 to 1,000); tests lower it
             to exercise paging.
+        default_part_bytes: The part size initiate answers when the client asks for
+            none (raised to ``min_part_bytes`` and as far as 10,000 parts need).
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class ReferenceBackend:
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
         min_part_bytes: int = DEFAULT_MIN_PART_BYTES,
         max_list_parts: int = MAX_LIST_PARTS,
+        default_part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
         if not token:
             raise ValueError("the reference backend needs a non-empty service token")
@@ -205,6 +208,7 @@ class ReferenceBackend:
         self.max_object_bytes = max_object_bytes
         self.min_part_bytes = min_part_bytes
         self.max_list_parts = max_list_parts
+        self.default_part_bytes = default_part_bytes
         # Orders complete and abort of one upload: a retried complete waits for the
         # first one and then answers from the registry.
         self._upload_lock = StripedLocks()
@@ -411,7 +415,7 @@ class ReferenceBackend:
             )
         part_size = choose_part_size(
             request.content_length,
-            request.part_size or DEFAULT_PART_BYTES,
+            request.part_size or self.default_part_bytes,
             min_part_bytes=self.min_part_bytes,
         )
         upload_id = self.store.create_multipart(request.object_key, request.content_type, part_size)

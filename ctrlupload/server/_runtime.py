@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..protocol._parts import DEFAULT_PART_BYTES
 from ._app import (
     DEFAULT_EXPIRES_SEC,
     DEFAULT_MAX_CONTENT_LENGTH,
@@ -16,9 +17,9 @@ from ._app import (
     ReferenceBackend,
 )
 from ._db import AssetDB
+from ._limits import ServerLimits
 from ._local import LocalObjectStore
 from ._store import ObjectStore
-from ._wsgi import WSGIServer
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ServerConfig:
         paths: Where the internal endpoints live.
         max_object_bytes: Largest multipart upload initiate accepts (S3's 5 TiB).
         min_part_bytes: Smallest part size (all parts but the last); S3 needs 5 MiB.
+        default_part_bytes: Part size initiate answers when the client asks for none.
+        sync_parts: fsync every multipart part as it arrives (local store), so that a
+            power loss cannot keep a part's record without its bytes.
+        limits: The HTTP server's threads, connections, timeouts and sizes.
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +67,9 @@ class ServerConfig:
     paths: ApiPaths = field(default_factory=ApiPaths)
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     min_part_bytes: int = DEFAULT_MIN_PART_BYTES
+    default_part_bytes: int = DEFAULT_PART_BYTES
+    sync_parts: bool = False
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 class ReferenceServer:
@@ -83,7 +91,9 @@ class ReferenceServer:
         config = config or ServerConfig()
         self.config = config
         self.token = config.token or secrets.token_urlsafe(24)
-        self._server = WSGIServer(None, config.host, config.port)
+        from ._http import WSGIServer  # cheroot: ctrlupload[server]
+
+        self._server = WSGIServer(None, config.host, config.port, config.limits)
         try:
             host = self._server.host
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
@@ -103,6 +113,7 @@ class ReferenceServer:
                 paths=config.paths,
                 max_object_bytes=config.max_object_bytes,
                 min_part_bytes=config.min_part_bytes,
+                default_part_bytes=config.default_part_bytes,
             )
         except BaseException:
             self._server.stop()
@@ -111,7 +122,12 @@ class ReferenceServer:
 
     def _make_store(self, config: ServerConfig, data_dir: Path) -> ObjectStore:
         if config.store == "local":
-            return LocalObjectStore(data_dir, self.base_url, signing_secret=config.signing_secret)
+            return LocalObjectStore(
+                data_dir,
+                self.base_url,
+                signing_secret=config.signing_secret,
+                sync_parts=config.sync_parts,
+            )
         if config.store == "s3":
             from ._s3store import S3ObjectStore
 
@@ -124,6 +140,15 @@ class ReferenceServer:
                 public_base_url=config.s3_public_base_url,
             )
         raise ValueError(f"unknown store {config.store!r}; expected 'local' or 's3'")
+
+    def limits_text(self) -> str:
+        """The HTTP server's limits, in one line for the operator."""
+        limits = self.config.limits
+        return (
+            f"{limits.threads} threads, at most {self._server.connection_cap} connections "
+            f"(backlog {limits.backlog}), headers within {limits.header_timeout_s:g} s, "
+            f"idle {limits.idle_timeout_s:g} s"
+        )
 
     def __repr__(self) -> str:
         return f"ReferenceServer(base_url={self.base_url!r}, store={self.store!r})"

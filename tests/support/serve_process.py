@@ -24,6 +24,11 @@ from typing import IO
 
 __all__ = ["REPO_ROOT", "ServeProcess", "child_env"]
 
+
+def _announcements(stdout: str) -> list[str]:
+    """serve's lines with their shell dressing (``export ``, ``# ``) taken off."""
+    return [line.removeprefix("export ").removeprefix("# ") for line in stdout.splitlines()]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOKEN_LINE = "BACKEND_SERVICE_TOKEN"
 _URL_LINE = "BACKEND_BASE_URL="
@@ -141,7 +146,7 @@ class ServeProcess:
                 f"serve did not announce itself within {self._ready_timeout_s} s "
                 f"(exit {self.process.returncode}); stdout={self.stdout!r} stderr={self.stderr!r}"
             )
-        for line in self.stdout.splitlines():
+        for line in _announcements(self.stdout):
             if line.startswith(_URL_LINE):
                 self.base_url = line[len(_URL_LINE) :]
             elif line.startswith(_TOKEN_LINE):
@@ -151,7 +156,7 @@ class ServeProcess:
         return self
 
     def _announced(self) -> bool:
-        lines = "".join(self._stdout).splitlines()
+        lines = _announcements("".join(self._stdout))
         return any(line.startswith(_URL_LINE) for line in lines) and any(
             line.startswith(_TOKEN_LINE) for line in lines
         )
