@@ -17,14 +17,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import requests
 
 from ctrlupload.protocol import multipart_etag
 from ctrlupload.server import LocalObjectStore, ObjectInfo, StoredPart
-from ctrlupload.server._store import PartGrant, UploadGrant
-from tests.support.local_backend import SMALL_PART, local_backend, md5_hex
+from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant
+from tests.support.local_backend import SMALL_PART, StoreWrapper, local_backend, md5_hex
 from tests.support.serve_process import REPO_ROOT, child_env
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
@@ -282,3 +283,89 @@ def test_a_put_racing_a_multipart_complete_keeps_the_meta_of_the_file_at_the_key
     expected = parts_etag(data) if stored == data else f'"{md5_hex(single)}"'
     assert stored in (data, single)
     assert store.head(KEY) == ObjectInfo(len(stored), expected)
+
+
+# -- downloads while the object is replaced ------------------------------------------------
+
+
+class ReplacedOnceOpened(StoreWrapper):
+    """A store whose object is replaced by another body just after a GET opens it."""
+
+    def __init__(self, real: LocalObjectStore, replacement: bytes) -> None:
+        super().__init__(real)
+        self.replacement = replacement
+
+    def open(self, key: str) -> Any:
+        opened = self.real.open(key)
+        body = self.replacement
+        self.real.receive(UploadGrant(key, "video/mp4", len(body), 2**40), io.BytesIO(body))
+        return opened
+
+
+def test_a_get_serves_the_size_and_etag_of_the_very_file_it_sends(tmp_path: Path) -> None:
+    first, second = os.urandom(96 * 1024), os.urandom(32 * 1024)
+    with local_backend(
+        tmp_path / "data", wrap=lambda real: cast(ObjectStore, ReplacedOnceOpened(real, second))
+    ) as backend:
+        assert backend.put(KEY, first).status_code == 200
+
+        got = backend.get(KEY)
+
+        assert got.status_code == 200
+        assert got.headers["Content-Length"] == str(len(first))
+        assert got.headers["ETag"] == f'"{md5_hex(first)}"'
+        assert got.content == first
+        assert backend.get(KEY).content == second
+
+
+def test_every_get_during_replacements_serves_a_body_that_fits_its_headers(
+    tmp_path: Path,
+) -> None:
+    bodies = [os.urandom(64 * 1024), os.urandom(192 * 1024)]
+    rounds = 100
+    with local_backend(tmp_path / "data") as backend:
+        signed = []
+        for body in bodies:
+            presigned = backend.post(
+                "/internal/storage/presign-put",
+                object_key=KEY,
+                content_type="video/mp4",
+                content_length=len(body),
+            ).json()
+            signed.append((presigned["upload_url"], presigned["headers"], body))
+            assert requests.put(
+                presigned["upload_url"], data=body, headers=presigned["headers"], timeout=10
+            ).ok
+        problems: list[str] = []
+        writing = threading.Event()
+
+        def write() -> None:
+            with requests.Session() as session:
+                for turn in range(rounds):
+                    url, headers, body = signed[turn % 2]
+                    if not session.put(url, data=body, headers=headers, timeout=10).ok:
+                        problems.append("a PUT failed")
+                    writing.set()
+
+        def read() -> None:
+            writing.wait(timeout=10)
+            with requests.Session() as session:
+                for _ in range(rounds):
+                    try:
+                        got = session.get(f"{backend.base_url}/files/{KEY}", timeout=10)
+                    except requests.RequestException as exc:
+                        problems.append(f"GET broke: {type(exc).__name__}")
+                        continue
+                    if len(got.content) != int(got.headers["Content-Length"]):
+                        problems.append("body length differs from Content-Length")
+                    elif got.headers["ETag"] != f'"{md5_hex(got.content)}"':
+                        problems.append("body differs from its ETag")
+
+        threads = [
+            run_named(name, job)
+            for name, job in [("w1", write), ("w2", write), ("r1", read), ("r2", read)]
+        ]
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert problems == []

@@ -687,18 +687,22 @@ class ReferenceBackend:
             key = validate_key(_wsgi_path_to_text(raw_key))
         except (InvalidKeyError, UnicodeDecodeError):
             raise _HttpError(404, "not_found", "no such object") from None
-        handle = store.open(key)
-        if handle is None:
+        opened = store.open(key)
+        if opened is None:
             raise _HttpError(404, "not_found", f"no object '{key}'")
-        row = self.db.get(key)
-        info = store.head(key)
-        size = info.size_bytes if info else 0
+        # The size and ETag come with the handle: a head() now could describe a file
+        # that replaced this one meanwhile.
+        handle, info = opened
+        try:
+            row = self.db.get(key)
+        except BaseException:
+            handle.close()
+            raise
         headers = [
             ("Content-Type", row.content_type if row else guess_content_type(key)),
-            ("Content-Length", str(size)),
+            ("Content-Length", str(info.size_bytes)),
+            ("ETag", info.etag),
         ]
-        if info is not None:
-            headers.append(("ETag", info.etag))
         start_response(_status(200), headers)
         if environ["REQUEST_METHOD"].upper() == "HEAD":
             handle.close()

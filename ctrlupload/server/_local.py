@@ -584,22 +584,13 @@ class LocalObjectStore:
         return ObjectInfo(size_bytes=stat.st_size, etag=etag)
 
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and MD5 ETag of the stored file, or None."""
-        path = self._path(key)
-        try:
-            with open(path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                known = self._read_meta(key, stat)
-                if known is not None:
-                    return known
-                md5 = hashlib.md5(usedforsecurity=False)
-                while block := handle.read(RECEIVE_BLOCK_BYTES):
-                    md5.update(block)
-        except OSError as exc:
-            if _means_absent(exc):
-                return None
-            raise
-        return ObjectInfo(size_bytes=stat.st_size, etag=f'"{md5.hexdigest()}"')
+        """Size and ETag of the stored file, or None."""
+        opened = self.open(key)
+        if opened is None:
+            return None
+        handle, info = opened
+        handle.close()
+        return info
 
     def check(self) -> None:
         """Fail at start-up if ``data_dir`` cannot take uploads.
@@ -616,14 +607,30 @@ class LocalObjectStore:
                 f"the local store cannot write under {self.data_dir}: {exc.strerror or exc}"
             ) from exc
 
-    def open(self, key: str) -> BinaryIO | None:
-        """Open the stored file for reading, or None when absent."""
+    def open(self, key: str) -> tuple[BinaryIO, ObjectInfo] | None:
+        """The stored file open for reading, with its size and ETag; None when absent.
+
+        Both describe the very file opened, even if the key is being replaced: the size
+        is the open file's, and the meta counts only if it was written for that file
+        (same inode, size and mtime). Otherwise the MD5 is computed from the open file,
+        which is then rewound.
+        """
         try:
-            return open(self._path(key), "rb")
+            handle = open(self._path(key), "rb")  # noqa: SIM115 (the caller closes it)
         except OSError as exc:
             if _means_absent(exc):
                 return None
             raise
+        try:
+            stat = os.fstat(handle.fileno())
+            info = self._read_meta(key, stat)
+            if info is None:
+                info = ObjectInfo(size_bytes=stat.st_size, etag=f'"{_md5_of(handle)}"')
+                handle.seek(0)
+        except BaseException:
+            handle.close()
+            raise
+        return handle, info
 
     def delete(self, key: str) -> None:
         """Remove the file and its meta; a missing file is fine."""
@@ -715,6 +722,14 @@ def _copy_range(source_fd: int, target_fd: int, length: int) -> int:
             break
         copied += moved
     return copied
+
+
+def _md5_of(handle: BinaryIO) -> str:
+    """The MD5 of the rest of ``handle``, read a block at a time."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    while block := handle.read(RECEIVE_BLOCK_BYTES):
+        md5.update(block)
+    return md5.hexdigest()
 
 
 def _means_absent(exc: OSError) -> bool:

@@ -640,7 +640,7 @@ class S3ObjectStore:
         """Never: this store's part URLs point at S3."""
         raise NotServedHere("part uploads go to S3")
 
-    def open(self, key: str) -> BinaryIO | None:
+    def open(self, key: str) -> tuple[BinaryIO, ObjectInfo] | None:
         """None: downloads are served by S3 or the CDN, not the backend."""
         return None
 

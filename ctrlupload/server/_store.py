@@ -263,6 +263,12 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def open(self, key: str) -> BinaryIO | None:
-        """The stored object for reading, or None (also when not served here)."""
+    def open(self, key: str) -> tuple[BinaryIO, ObjectInfo] | None:
+        """The stored object open for reading, with the size and ETag of what it reads.
+
+        Returns:
+            The open file and its :class:`ObjectInfo`, both of the same stored version
+            even while the key is being replaced; None when absent (or not served here).
+            The caller closes the file.
+        """
         ...
