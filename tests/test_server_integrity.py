@@ -22,10 +22,16 @@ from typing import Any, cast
 import pytest
 import requests
 
-from ctrlupload.protocol import multipart_etag
-from ctrlupload.server import LocalObjectStore, ObjectInfo, StoredPart
+from ctrlupload.protocol import bare_etag, multipart_etag
+from ctrlupload.server import AssetDB, LocalObjectStore, ObjectInfo, StoredPart
 from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant
-from tests.support.local_backend import SMALL_PART, StoreWrapper, local_backend, md5_hex
+from tests.support.local_backend import (
+    SMALL_PART,
+    LocalBackend,
+    StoreWrapper,
+    local_backend,
+    md5_hex,
+)
 from tests.support.serve_process import REPO_ROOT, child_env
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
@@ -369,3 +375,166 @@ def test_every_get_during_replacements_serves_a_body_that_fits_its_headers(
             thread.join(timeout=60)
 
     assert problems == []
+
+
+# -- completions racing deletes and aborts --------------------------------------------------
+
+
+class SignallingDB(AssetDB):
+    """An asset database that says when a row has been deleted."""
+
+    deleted: threading.Event
+
+    def delete(self, object_key: str) -> bool:
+        try:
+            return super().delete(object_key)
+        finally:
+            self.deleted.set()
+
+
+class HeldAfter(StoreWrapper):
+    """Holds the first call of ``method``, once it has run, until ``until`` is set.
+
+    A backend that orders the two operations keeps the other one out meanwhile, so
+    the wait runs out after PATIENCE_S and they happen one after the other.
+    """
+
+    def __init__(self, real: LocalObjectStore, method: str, until: threading.Event) -> None:
+        super().__init__(real)
+        self.method, self.until = method, until
+        self.holding = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.real, name)
+        if name != self.method or self.holding.is_set():
+            return real
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            result = real(*args, **kwargs)
+            self.holding.set()
+            self.until.wait(timeout=PATIENCE_S)
+            return result
+
+        return held
+
+
+@pytest.fixture
+def deleted() -> threading.Event:
+    event = threading.Event()
+    SignallingDB.deleted = event
+    return event
+
+
+def assert_rows_only_for_stored_objects(backend: LocalBackend) -> None:
+    for row in backend.db.all():
+        stored = backend.store.head(row.object_key)
+        assert stored is not None, f"a row for '{row.object_key}', which is not stored"
+        assert bare_etag(stored.etag) == bare_etag(row.etag)
+
+
+def test_a_complete_racing_a_delete_leaves_no_row_for_a_missing_object(
+    tmp_path: Path, deleted: threading.Event
+) -> None:
+    body = os.urandom(1000)
+    wrapper: list[HeldAfter] = []
+
+    def wrap(real: LocalObjectStore) -> ObjectStore:
+        wrapper.append(HeldAfter(real, "head", deleted))
+        return cast(ObjectStore, wrapper[0])
+
+    with local_backend(tmp_path / "data", wrap=wrap, db_class=SignallingDB) as backend:
+        assert backend.put(KEY, body).status_code == 200
+        answers: list[requests.Response] = []
+        completing = run_named("complete", lambda: answers.append(backend.complete(KEY, body)))
+        assert wrapper[0].holding.wait(timeout=10)
+        deleting = run_named(
+            "delete",
+            lambda: answers.append(backend.post("/internal/storage/delete", object_key=KEY)),
+        )
+        completing.join(timeout=10)
+        deleting.join(timeout=10)
+
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert backend.store.head(KEY) is None
+        assert_rows_only_for_stored_objects(backend)
+
+
+def test_a_multipart_complete_racing_a_delete_leaves_no_row_for_a_missing_object(
+    tmp_path: Path, deleted: threading.Event
+) -> None:
+    data = os.urandom(2 * SMALL_PART + 1)
+    wrapper: list[HeldAfter] = []
+
+    def wrap(real: LocalObjectStore) -> ObjectStore:
+        wrapper.append(HeldAfter(real, "complete_multipart", deleted))
+        return cast(ObjectStore, wrapper[0])
+
+    with local_backend(tmp_path / "data", wrap=wrap, db_class=SignallingDB) as backend:
+        upload_id, etags = backend.upload_parts(KEY, data)
+        answers: list[requests.Response] = []
+        completing = run_named(
+            "complete",
+            lambda: answers.append(backend.complete_parts(KEY, upload_id, etags, len(data))),
+        )
+        assert wrapper[0].holding.wait(timeout=10)
+        deleting = run_named(
+            "delete",
+            lambda: answers.append(backend.post("/internal/storage/delete", object_key=KEY)),
+        )
+        completing.join(timeout=10)
+        deleting.join(timeout=10)
+
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert backend.store.head(KEY) is None
+        assert_rows_only_for_stored_objects(backend)
+
+
+class SignallingAbort(StoreWrapper):
+    """A store that says when an abort has run."""
+
+    aborted = threading.Event()
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self.real.abort_multipart(key, upload_id)
+        finally:
+            self.aborted.set()
+
+
+def test_a_multipart_complete_racing_its_abort_completes_first_and_whole(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(2 * SMALL_PART + 1)
+    aborted = threading.Event()
+    wrapper: list[HeldAfter] = []
+
+    def wrap(real: LocalObjectStore) -> ObjectStore:
+        signalling = SignallingAbort(real)
+        signalling.aborted = aborted
+        wrapper.append(HeldAfter(cast(LocalObjectStore, signalling), "complete_multipart", aborted))
+        return cast(ObjectStore, wrapper[0])
+
+    with local_backend(tmp_path / "data", wrap=wrap) as backend:
+        upload_id, etags = backend.upload_parts(KEY, data)
+        answers: list[requests.Response] = []
+        completing = run_named(
+            "complete",
+            lambda: answers.append(backend.complete_parts(KEY, upload_id, etags, len(data))),
+        )
+        assert wrapper[0].holding.wait(timeout=10)
+        aborting = run_named(
+            "abort",
+            lambda: answers.append(
+                backend.post(
+                    "/internal/storage/multipart/abort", object_key=KEY, upload_id=upload_id
+                )
+            ),
+        )
+        completing.join(timeout=10)
+        aborting.join(timeout=10)
+
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert backend.get(KEY).content == data
+        upload = backend.db.get_upload(upload_id)
+        assert upload is not None and upload.completed
+        assert_rows_only_for_stored_objects(backend)

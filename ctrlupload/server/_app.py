@@ -19,6 +19,10 @@ restarted backend still knows them. ``complete`` checks the part list against wh
 store holds before assembling (ascending unique numbers, matching ETags, every part but
 the last at least ``min_part_bytes``, sizes adding up to ``size_bytes``), and is safe to
 repeat: a completed upload answers the same success to the same part list.
+
+Recording an object (``complete``, a multipart completion) and deleting one take a lock
+per key (striped), so a delete racing a completion never leaves a row for an object
+that is gone.
 """
 
 from __future__ import annotations
@@ -213,6 +217,11 @@ class ReferenceBackend:
         # first one and then answers from the registry.
         self._upload_lock = StripedLocks()
         self._initiate_lock = StripedLocks()
+        # Orders what records an object (complete, multipart completion) and what
+        # removes it (delete) per key, so that no row outlives its object: a complete
+        # that found the object records it before a delete can remove both. Taken
+        # inside the upload lock, never around it.
+        self._key_lock = StripedLocks()
         self._api: dict[str, Callable[[Any, Environ], dict[str, Any]]] = {
             self.paths.presign: lambda request, _: self._presign(request),
             self.paths.complete: lambda request, _: self._complete(request),
@@ -331,6 +340,10 @@ class ReferenceBackend:
         }
 
     def _complete(self, request: CompleteRequest) -> dict[str, Any]:
+        with self._key_lock(request.object_key):
+            return self._record_complete(request)
+
+    def _record_complete(self, request: CompleteRequest) -> dict[str, Any]:
         stored = self.store.head(request.object_key)
         if stored is None:
             raise _HttpError(
@@ -359,8 +372,9 @@ class ReferenceBackend:
         return {"status": "ok"}
 
     def _delete(self, request: DeleteRequest) -> dict[str, Any]:
-        self.store.delete(request.object_key)
-        self.db.delete(request.object_key)
+        with self._key_lock(request.object_key):
+            self.store.delete(request.object_key)
+            self.db.delete(request.object_key)
         return {"status": "ok"}
 
     # -- multipart extension -----------------------------------------------------------
@@ -497,33 +511,41 @@ class ReferenceBackend:
                     f"size_bytes {request.size_bytes} differs from the content_length "
                     f"{row.content_length} given at initiate"
                 )
-            try:
-                held = self._all_parts(key, upload_id)
-            except NoSuchUpload:
-                held = None
-            if held is None:
-                # The store no longer has the upload. If that is because an earlier
-                # complete assembled it and died before recording, the object is there.
-                return self._recover_completion(request, digest, public_url)
-            parts = self._verified_parts(request, held)
-            try:
-                info = self.store.complete_multipart(key, upload_id, parts)
-            except NoSuchUpload:
-                # Gone between listing and assembling: assembled by a completion that
-                # died before it recorded (or before the store cleaned up after it).
-                return self._recover_completion(request, digest, public_url)
-            except InvalidPart as exc:
-                raise _invalid_part(str(exc)) from None
-            except UploadRejected as rejected:
-                raise _HttpError(400, "bad_request", rejected.message) from None
-            self.db.complete_upload(
-                upload_id,
-                etag=info.etag,
-                digest=digest,
-                size_bytes=info.size_bytes,
-                content_type=request.content_type,
-                public_url=public_url,
-            )
+            with self._key_lock(key):
+                return self._assemble_and_record(request, digest, public_url)
+
+    def _assemble_and_record(
+        self, request: MultipartCompleteRequest, digest: str, public_url: str
+    ) -> dict[str, Any]:
+        """Check the parts, assemble them and record the object; under both locks."""
+        key, upload_id = request.object_key, request.upload_id
+        try:
+            held = self._all_parts(key, upload_id)
+        except NoSuchUpload:
+            held = None
+        if held is None:
+            # The store no longer has the upload. If that is because an earlier
+            # complete assembled it and died before recording, the object is there.
+            return self._recover_completion(request, digest, public_url)
+        parts = self._verified_parts(request, held)
+        try:
+            info = self.store.complete_multipart(key, upload_id, parts)
+        except NoSuchUpload:
+            # Gone between listing and assembling: assembled by a completion that
+            # died before it recorded (or before the store cleaned up after it).
+            return self._recover_completion(request, digest, public_url)
+        except InvalidPart as exc:
+            raise _invalid_part(str(exc)) from None
+        except UploadRejected as rejected:
+            raise _HttpError(400, "bad_request", rejected.message) from None
+        self.db.complete_upload(
+            upload_id,
+            etag=info.etag,
+            digest=digest,
+            size_bytes=info.size_bytes,
+            content_type=request.content_type,
+            public_url=public_url,
+        )
         return {"public_url": public_url, "etag": info.etag}
 
     def _all_parts(self, key: str, upload_id: str) -> dict[int, StoredPart]:

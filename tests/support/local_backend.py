@@ -133,9 +133,14 @@ def local_backend(
     data_dir: Path,
     *,
     wrap: Callable[[LocalObjectStore], ObjectStore] | None = None,
+    db_class: type[AssetDB] = AssetDB,
     **options: Any,
 ) -> Iterator[LocalBackend]:
-    """A reference backend on ``data_dir``; ``wrap`` puts a store in front of the real one."""
+    """A reference backend on ``data_dir``.
+
+    ``wrap`` puts a store in front of the real one, and ``db_class`` may be a subclass
+    of :class:`AssetDB` that steps in front of some calls.
+    """
     server = WSGIServer(None, "127.0.0.1", 0).start()
     base_url = f"http://127.0.0.1:{server.port}"
     with contextlib.ExitStack() as stack:
@@ -144,7 +149,7 @@ def local_backend(
         close = getattr(store, "close", None)
         if close is not None:
             stack.callback(close)
-        db = AssetDB(data_dir / "assets.sqlite3")
+        db = db_class(data_dir / "assets.sqlite3")
         stack.callback(db.close)
         app = ReferenceBackend(
             token=TOKEN,
