@@ -65,6 +65,8 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: How long the listening socket rests after ``accept`` found no free descriptor.
 _ACCEPT_REST_S: Final = 0.1
+#: The most of an unread request body drained to keep a connection alive; more closes it.
+_MAX_DRAIN_BYTES: Final = 1024 * 1024
 _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -115,24 +117,37 @@ class _Request(_RequestBase):  # type: ignore[misc]
             return False
         return True
 
+    def send_headers(self) -> None:
+        # cheroot reads what is left of an unread body in one call before answering on
+        # a kept-alive connection: fine for a little, not for a refused 5 GB PUT.
+        remaining = getattr(self.rfile, "remaining", 0) or 0
+        if remaining > _MAX_DRAIN_BYTES:
+            self.close_connection = True
+        super().send_headers()
+
 
 class _ClientBody:
     """``wsgi.input`` that reads a reset or silent client as the body's early end."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, on_break: Callable[[], None]) -> None:
         self._stream = stream
+        self._on_break = on_break
         self.bytes_read = 0
         self.broken = False
+
+    def _break(self, exc: BaseException) -> bytes:
+        logger.debug("client body ended early: %r", exc)
+        self.broken = True
+        self._on_break()  # nothing more can be read on this connection: close it
+        return b""
 
     def read(self, size: int | None = -1) -> bytes:
         if self.broken:
             return b""
         try:
             block: bytes = self._stream.read(size)
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            logger.debug("client body ended early: %r", exc)
-            self.broken = True
-            return b""
+        except OSError as exc:  # reset, timed out
+            return self._break(exc)
         self.bytes_read += len(block)
         return block
 
@@ -141,9 +156,8 @@ class _ClientBody:
             return b""
         try:
             line: bytes = self._stream.readline(size)
-        except (ConnectionError, TimeoutError, OSError):
-            self.broken = True
-            return b""
+        except OSError as exc:
+            return self._break(exc)
         self.bytes_read += len(line)
         return line
 
@@ -158,7 +172,9 @@ class _Gateway(_GatewayBase):  # type: ignore[misc]
         server: _Server = self.req.server
         server.head_ended(self.req.conn)
         started = time.monotonic()
-        body = _ClientBody(self.env["wsgi.input"])
+        body = _ClientBody(
+            self.env["wsgi.input"], lambda: setattr(self.req, "close_connection", True)
+        )
         self.env["wsgi.input"] = body
         sent = 0
         write = self.req.write
@@ -173,8 +189,6 @@ class _Gateway(_GatewayBase):  # type: ignore[misc]
             super().respond()
         finally:
             self.req.write = write
-            if body.broken:
-                self.req.close_connection = True
             _log_access(self.req, body.bytes_read, sent, time.monotonic() - started)
 
 

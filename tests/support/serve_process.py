@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -56,6 +56,7 @@ class ServeProcess:
         args: More command-line arguments after ``serve``.
         cwd: The child's working directory (so no stray ``.env`` is read).
         ready_timeout_s: How long to wait for the two announcement lines.
+        preexec_fn: Run in the child before serve starts (to lower its limits, say).
 
     Attributes:
         base_url: The announced BACKEND_BASE_URL.
@@ -71,6 +72,7 @@ class ServeProcess:
         args: Sequence[str] = ("--port", "0"),
         cwd: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = 15.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.command = [
             sys.executable,
@@ -84,6 +86,7 @@ class ServeProcess:
         self._env = dict(env) if env is not None else child_env(drop=[_TOKEN_LINE])
         self._cwd = cwd
         self._ready_timeout_s = ready_timeout_s
+        self._preexec_fn = preexec_fn
         self._lock = threading.Condition()
         self._stdout: list[str] = []
         self._stderr: list[str] = []
@@ -123,6 +126,7 @@ class ServeProcess:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=self._env,
+            preexec_fn=self._preexec_fn,
             cwd=self._cwd,
             text=True,
             bufsize=1,
