@@ -739,7 +739,11 @@ def test_multipart_endpoints_need_the_bearer_token(local: Local, name: str) -> N
 @pytest.mark.parametrize(
     ("name", "payload", "fragment"),
     [
-        ("initiate", {"object_key": "../x", "content_type": "v", "content_length": 1}, "'..'"),
+        (
+            "initiate",
+            {"object_key": "../x", "content_type": "video/mp4", "content_length": 1},
+            "'..'",
+        ),
         (
             "initiate",
             {"object_key": KEY, "content_type": "v", "content_length": "1"},

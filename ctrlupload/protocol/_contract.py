@@ -7,7 +7,8 @@ credentials and are left out of every repr.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+import re
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -40,6 +41,7 @@ __all__ = [
     "ResponseModel",
     "StatusResponse",
     "bare_etag",
+    "check_content_type",
     "parse_response",
 ]
 
@@ -68,6 +70,46 @@ def _http_url(value: str) -> str:
 #: A presigned URL: http(s) only, never echoed in validation errors.
 UploadUrl = Annotated[str, AfterValidator(_http_url)]
 
+#: The most characters a content type may have.
+MAX_CONTENT_TYPE_CHARS: Final = 255
+_TCHARS: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED: Final = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+#: RFC 9110 §8.3.1 in ASCII: ``type "/" subtype *( OWS ";" OWS name "=" value )``, the
+#: value a token or a quoted string. ``openapi.yaml`` carries the same pattern.
+CONTENT_TYPE_PATTERN: Final = (
+    rf"^{_TCHARS}/{_TCHARS}(?:[ \t]*;[ \t]*{_TCHARS}=(?:{_TCHARS}|{_QUOTED}))*$"
+)
+_CONTENT_TYPE: Final = re.compile(CONTENT_TYPE_PATTERN)
+
+
+def check_content_type(value: str) -> str:
+    """Return ``value`` if it is a media type the contract takes, such as ``video/mp4``.
+
+    The content type goes into the PUT's signed headers and the download's
+    ``Content-Type`` as given, so only RFC 9110 media types in ASCII pass: no control
+    character (a CR or LF would inject headers), nothing outside latin-1 (which no
+    header can carry), at most 255 characters.
+
+    Raises:
+        ValueError: It is not; the message says why without quoting the value.
+    """
+    if len(value) > MAX_CONTENT_TYPE_CHARS:
+        raise ValueError(
+            f"content_type must be a media type of at most {MAX_CONTENT_TYPE_CHARS} "
+            f"characters, not {len(value)}"
+        )
+    if not _CONTENT_TYPE.fullmatch(value):
+        raise ValueError(
+            "content_type must be a media type such as video/mp4 or "
+            "'text/plain; charset=utf-8' (RFC 9110: type/subtype and parameters, ASCII "
+            "only, no control characters)"
+        )
+    return value
+
+
+#: A content type: an RFC 9110 media type in ASCII (:func:`check_content_type`).
+ContentType = Annotated[str, AfterValidator(check_content_type)]
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,7 +128,7 @@ class PresignRequest(_Request):
     """Body of ``POST presign-put`` (seed §3.1)."""
 
     object_key: str
-    content_type: str = Field(min_length=1)
+    content_type: ContentType
     content_length: JsonInt = Field(ge=0)
 
 
@@ -110,7 +152,7 @@ class CompleteRequest(_Request):
     object_key: str
     etag: str
     size_bytes: JsonInt = Field(ge=0)
-    content_type: str
+    content_type: ContentType
     public_url: str
 
 
@@ -165,7 +207,7 @@ class MultipartInitiateRequest(_Request):
     """
 
     object_key: str
-    content_type: str = Field(min_length=1)
+    content_type: ContentType
     content_length: JsonInt = Field(ge=0)
     part_size: JsonInt | None = Field(default=None, ge=1)
 
@@ -239,7 +281,7 @@ class MultipartCompleteRequest(_Request):
     upload_id: str = Field(min_length=1)
     parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
     size_bytes: JsonInt = Field(ge=0)
-    content_type: str = Field(min_length=1)
+    content_type: ContentType
 
 
 class MultipartCompleteResponse(_Response):

@@ -26,6 +26,7 @@ from ..engine._streams import (
     object_source,
     open_source,
 )
+from ..protocol._contract import check_content_type
 
 __all__ = ["BaseStorageProvider", "ObjectData", "ProviderBase"]
 
@@ -167,11 +168,15 @@ class ProviderBase:
         self._check_open()
         validate_key(key)
         if content_type is None:
-            content_type = guess_content_type(key)
-        elif not content_type or any(ord(c) < 0x20 or ord(c) == 0x7F for c in content_type):
+            return key, guess_content_type(key)
+        try:
+            # The contract's own rule: the backend refuses what fails it with a 400.
+            check_content_type(content_type)
+        except ValueError as exc:
+            shown = content_type if len(content_type) <= 80 else content_type[:80] + "..."
             raise StorageUploadError(
-                key, f"Invalid content type {content_type!r}", phase="validate"
-            )
+                key, f"Invalid content type {shown!r}: {exc}", phase="validate"
+            ) from None
         return key, content_type
 
     def _check_open(self) -> None:

@@ -56,6 +56,7 @@ from ..protocol._contract import (
     MultipartPresignRequest,
     PresignRequest,
     bare_etag,
+    check_content_type,
 )
 from ..protocol._parts import (
     DEFAULT_PART_BYTES,
@@ -64,7 +65,7 @@ from ..protocol._parts import (
     choose_part_size,
     multipart_etag,
 )
-from ._db import AssetDB, UploadRow
+from ._db import AssetDB, AssetRow, UploadRow
 from ._locks import StripedLocks
 from ._store import (
     MAX_LIST_PARTS,
@@ -721,7 +722,7 @@ class ReferenceBackend:
             handle.close()
             raise
         headers = [
-            ("Content-Type", row.content_type if row else guess_content_type(key)),
+            ("Content-Type", _served_content_type(key, row)),
             ("Content-Length", str(info.size_bytes)),
             ("ETag", info.etag),
         ]
@@ -730,6 +731,20 @@ class ReferenceBackend:
             handle.close()
             return []
         return _file_blocks(handle)
+
+
+def _served_content_type(key: str, row: AssetRow | None) -> str:
+    """The recorded content type, or the guessed one when there is none or it is unsafe.
+
+    Rows written by older versions may hold any text, and a CR, LF or non-latin-1
+    character in a header would inject headers or break every download of the object.
+    """
+    if row is not None:
+        try:
+            return check_content_type(row.content_type)
+        except ValueError:
+            logger.warning("the recorded content type of %r is not a media type; guessing", key)
+    return guess_content_type(key)
 
 
 def _idempotency_key(environ: Environ) -> str | None:

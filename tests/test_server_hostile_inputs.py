@@ -1,0 +1,221 @@
+"""Hostile input to the reference backend is refused cleanly, never a 500 or an injection.
+
+Content types that would inject headers or break downloads, signed text forged through
+a newline, a non-ASCII signature and deeply nested JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ctrlupload import BackendPresignedStorageProvider, StorageUploadError
+from ctrlupload.protocol._contract import (
+    CONTENT_TYPE_PATTERN,
+    CompletedPart,
+    CompleteRequest,
+    MultipartCompleteRequest,
+    MultipartInitiateRequest,
+    PresignRequest,
+    check_content_type,
+)
+from ctrlupload.server import openapi_document
+from tests.conftest import backend_settings
+from tests.support.local_backend import LocalBackend, local_backend
+
+KEY = "videos/V-001/S-001/JOB-123/video.mp4"
+
+GOOD_TYPES = [
+    "video/mp4",
+    "application/vnd.api+json",
+    "text/plain; charset=utf-8",
+    "text/plain;charset=UTF-8",
+    "text/plain ;\tq=1 ; a=b",
+    'multipart/form-data; boundary="a b;c=d\\"e"',
+    "a/" + "b" * 253,
+]
+BAD_TYPES = [
+    "",
+    "text/plain\r\nSet-Cookie: session=stolen",
+    "text/plain\nX-Injected: 1",
+    "video/mp4\x00",
+    "видео/mp4",
+    "vidéo/mp4",
+    "video",
+    "video/",
+    "/mp4",
+    "video/mp4/x",
+    "text /plain",
+    "text/plain ",
+    " text/plain",
+    "text/plain;",
+    "text/plain; charset",
+    "text/plain; charset=",
+    'text/plain; a="unterminated',
+    'text/plain; a="é"',
+    "text/plain; a=b c",
+    "video/mp(4)",
+    "a/" + "b" * 254,
+]
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Any:
+    with local_backend(tmp_path / "data") as running:
+        yield running
+
+
+# -- content types --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", GOOD_TYPES)
+def test_media_types_are_accepted(value: str) -> None:
+    assert check_content_type(value) == value
+
+
+@pytest.mark.parametrize("value", BAD_TYPES)
+def test_anything_but_an_ascii_media_type_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="media type") as caught:
+        check_content_type(value)
+    assert not {"\r", "\n", "\x00"} & set(str(caught.value))
+
+
+def contract_requests(content_type: str) -> list[tuple[type[BaseModel], dict[str, Any]]]:
+    return [
+        (
+            PresignRequest,
+            {"object_key": KEY, "content_type": content_type, "content_length": 1},
+        ),
+        (
+            CompleteRequest,
+            {
+                "object_key": KEY,
+                "etag": '"e"',
+                "size_bytes": 1,
+                "content_type": content_type,
+                "public_url": "https://cdn.example.test/x",
+            },
+        ),
+        (
+            MultipartInitiateRequest,
+            {"object_key": KEY, "content_type": content_type, "content_length": 1},
+        ),
+        (
+            MultipartCompleteRequest,
+            {
+                "object_key": KEY,
+                "upload_id": "u",
+                "parts": [CompletedPart(part_number=1, etag='"e"')],
+                "size_bytes": 1,
+                "content_type": content_type,
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("value", ["text/plain\r\nSet-Cookie: a=b", "видео/mp4", "video"])
+def test_every_contract_model_with_a_content_type_checks_it(value: str) -> None:
+    for model, fields in contract_requests(value):
+        with pytest.raises(ValidationError) as caught:
+            model(**fields)
+        assert [error["loc"] for error in caught.value.errors()] == [("content_type",)], model
+        assert model(**{**fields, "content_type": "video/mp4"}).content_type == "video/mp4"  # type: ignore[attr-defined]
+
+
+def test_the_openapi_pattern_accepts_what_the_contract_accepts() -> None:
+    schemas = yaml.safe_load(openapi_document())["components"]["schemas"]
+    found = [
+        schema["properties"]["content_type"]
+        for schema in schemas.values()
+        if "content_type" in schema.get("properties", {})
+    ]
+    assert len(found) == 4
+    for schema in found:
+        assert schema["pattern"] == CONTENT_TYPE_PATTERN
+        pattern = re.compile(schema["pattern"])
+        assert schema["maxLength"] == 255
+        for value in GOOD_TYPES:
+            assert pattern.search(value), value
+        for value in BAD_TYPES:
+            if len(value) <= 255:
+                assert not pattern.search(value), value
+
+
+def api_calls(backend: LocalBackend, content_type: str) -> dict[str, requests.Response]:
+    multipart = "/internal/storage/multipart"
+    return {
+        "presign": backend.post(
+            "/internal/storage/presign-put",
+            object_key=KEY,
+            content_type=content_type,
+            content_length=4,
+        ),
+        "complete": backend.post(
+            "/internal/storage/complete",
+            object_key=KEY,
+            etag='"e"',
+            size_bytes=4,
+            content_type=content_type,
+            public_url=f"{backend.base_url}/files/{KEY}",
+        ),
+        "initiate": backend.post(
+            f"{multipart}/initiate",
+            object_key=KEY,
+            content_type=content_type,
+            content_length=4,
+        ),
+        "multipart complete": backend.post(
+            f"{multipart}/complete",
+            object_key=KEY,
+            upload_id="0" * 32,
+            parts=[{"part_number": 1, "etag": '"e"'}],
+            size_bytes=4,
+            content_type=content_type,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "value", ["text/plain\r\nSet-Cookie: session=stolen", "видео/mp4", "video", "a/" + "b" * 254]
+)
+def test_the_backend_refuses_a_bad_content_type_wherever_it_enters(
+    backend: LocalBackend, value: str
+) -> None:
+    for call, answer in api_calls(backend, value).items():
+        assert answer.status_code == 400, (call, answer.text)
+        assert answer.json()["error"] == "bad_request", call
+        assert answer.json()["message"].startswith("content_type:"), call
+        assert "Set-Cookie" not in answer.text
+    assert backend.db.all() == []
+
+
+def test_a_row_with_an_unsafe_content_type_is_served_with_the_guessed_type(
+    backend: LocalBackend,
+) -> None:
+    assert backend.put(KEY, b"body").status_code == 200
+    for unsafe in ["text/plain\r\nSet-Cookie: session=stolen", "видео/mp4"]:
+        # Rows written by an older version, which took any content type.
+        backend.db.upsert(KEY, '"e"', 4, unsafe, f"{backend.base_url}/files/{KEY}")
+
+        got = backend.get(KEY)
+
+        assert got.status_code == 200
+        assert got.headers["Content-Type"] == "video/mp4"
+        assert "Set-Cookie" not in got.headers
+        assert got.content == b"body"
+
+
+@pytest.mark.parametrize("value", ["text/plain; charset", "видео/mp4", "video"])
+def test_the_client_refuses_a_bad_content_type_before_any_call(value: str) -> None:
+    # Nothing listens on port 9: a call would fail as a BackendError, not at validation.
+    client = BackendPresignedStorageProvider(backend_settings("http://127.0.0.1:9"))
+    with client, pytest.raises(StorageUploadError) as caught:
+        client.put_object(b"body", KEY, content_type=value)
+    assert caught.value.phase == "validate"
+    assert "media type" in caught.value.reason
