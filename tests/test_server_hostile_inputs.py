@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -25,7 +26,8 @@ from ctrlupload.protocol._contract import (
     PresignRequest,
     check_content_type,
 )
-from ctrlupload.server import openapi_document
+from ctrlupload.server import LocalObjectStore, openapi_document
+from ctrlupload.server._store import UploadRejected
 from tests.conftest import backend_settings
 from tests.support.local_backend import LocalBackend, local_backend
 
@@ -219,3 +221,46 @@ def test_the_client_refuses_a_bad_content_type_before_any_call(value: str) -> No
         client.put_object(b"body", KEY, content_type=value)
     assert caught.value.phase == "validate"
     assert "media type" in caught.value.reason
+
+
+# -- signatures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    local = LocalObjectStore(tmp_path / "store", "http://127.0.0.1:1")
+    yield local
+    close = getattr(local, "close", None)
+    if close is not None:
+        close()
+
+
+def query_of(url: str) -> dict[str, str]:
+    return {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
+
+
+def test_an_object_url_crafted_with_newlines_is_no_part_url(store: LocalObjectStore) -> None:
+    upload_id = store.create_multipart(KEY, "video/mp4", 1024)
+    # Object fields (PUT, key, type, length, expiry) that, joined by newlines, spell a
+    # part's (PUT, UploadPart, key, upload id, number, length, expiry).
+    forged = store.presign_put("UploadPart", f"{KEY}\n{upload_id}\n1", 1024, 600)
+    query = query_of(forged.upload_url)
+
+    with pytest.raises(UploadRejected) as caught:
+        store.authorize_part(
+            upload_id,
+            1,
+            content_length=1024,
+            expires=query["expires"],
+            signature=query["signature"],
+        )
+
+    assert caught.value.code == "SignatureDoesNotMatch"
+
+
+def test_signed_fields_cannot_trade_a_newline_between_them(store: LocalObjectStore) -> None:
+    signed = store.presign_put("a", "b\nc/d", 4, 600)
+    query = query_of(signed.upload_url)
+    assert store.authorize("a", content_type="b\nc/d", content_length=4, **query).key == "a"
+    with pytest.raises(UploadRejected):
+        store.authorize("a\nb", content_type="c/d", content_length=4, **query)

@@ -2,8 +2,9 @@
 
 Upload URLs point at the reference backend's own ``PUT /upload/{key}`` and are signed
 with HMAC-SHA256 over everything S3's SigV4 presigning binds for a PUT: method, key,
-content type, content length and expiry. A URL for one key, type or length is useless
-for another, and an expired one is refused, the way S3 refuses it.
+content type, content length and expiry, as a JSON array (:func:`string_to_sign`), so
+that no field can be crafted to shift text into the next. A URL for one key, type or
+length is useless for another, and an expired one is refused, the way S3 refuses it.
 
 Multipart uploads follow S3 too. A part goes to ``PUT /upload-part/{upload_id}/{n}``,
 signed over the method, key, upload id, part number, exact length and expiry (not the
@@ -50,6 +51,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -93,31 +95,42 @@ _NO_KERNEL_COPY: Final = frozenset(
 )
 
 
+#: Names the encoding of the signed text; a new encoding gets a new tag.
+SIGNING_VERSION: Final = "ctrlupload-local-v2"
+
+
 def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
     """The canonical text a signature covers: method, key, type, length and expiry.
 
     A part's text also names the upload and part number instead of the content type,
-    behind an ``UploadPart`` label so that no object URL's signature fits a part's.
+    behind an ``UploadPart`` label. The fields are a JSON array behind a version tag:
+    each string is quoted and escaped, so no choice of key or content type (a newline
+    in either, say) makes one grant's text equal another's, and no object URL's
+    signature fits a part's.
     """
+    fields: list[str | int]
     if isinstance(grant, PartGrant):
         fields = [
+            SIGNING_VERSION,
             "PUT",
             "UploadPart",
             grant.key,
             grant.upload_id,
-            str(grant.part_number),
-            str(grant.content_length),
-            str(grant.expires_at),
+            grant.part_number,
+            grant.content_length,
+            grant.expires_at,
         ]
     else:
         fields = [
+            SIGNING_VERSION,
             "PUT",
+            "Object",
             grant.key,
             grant.content_type,
-            str(grant.content_length),
-            str(grant.expires_at),
+            grant.content_length,
+            grant.expires_at,
         ]
-    return "\n".join(fields).encode("utf-8")
+    return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 _BAD_SIGNATURE: Final = (
