@@ -15,11 +15,14 @@ reason that is allowed: the backend does not offer the optional multipart extens
 shows that storage does not sign the header a refusal check is about. A check that needs
 one that did not pass is reported as SKIP, after that FAIL.
 
-Requests go through a plain ``requests.Session`` rather than the client's
-:class:`~ctrlupload._transport.Transport`, on purpose: each request is sent exactly once
-(a retry would hide the answer being checked), and the checker must send what the
-transport never does. Every call has the settings' connect and read timeouts, and no
-redirect is followed. Nothing printed holds the token or a URL's query string.
+Requests go through the client's :class:`~ctrlupload._transport.Transport`, built with
+a retry policy of one attempt: each request is sent exactly once (a retry would hide the
+answer being checked; a 5xx comes back as an answer), with the settings' connect and read
+timeouts and attempt bound, a bytes body always with its exact ``Content-Length``, and no
+redirect followed. No cookie is kept and ``~/.netrc`` is never read, so nothing adds
+credentials to the no-token checks; proxies and the CA bundle (``REQUESTS_CA_BUNDLE``)
+still come from the environment. Nothing printed holds the token or a URL's query
+string.
 
 Objects are created under ``conformance/<uuid>/`` and deleted at the end, best effort;
 pending multipart uploads are aborted.
@@ -37,13 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TextIO, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import requests
-import requests.utils
-import urllib3.exceptions
-
-from ._errors import StorageConfigError
+from ._errors import StorageConfigError, TransportFailure
 from ._redact import redact_text, redact_url, register_secret
 from ._settings import Settings
+from ._transport import MAX_RESPONSE_BYTES, RetryPolicy, Transport, TransportConfig
 from .protocol._answers import s3_error_detail
 from .protocol._contract import (
     MultipartCompleteResponse,
@@ -79,8 +79,8 @@ _Auth = Literal["token", "none", "wrong"]
 
 #: Statuses by which a backend says it has no multipart extension (contract.md).
 MULTIPART_ABSENT_STATUSES: Final = frozenset({404, 405, 501})
-#: Largest answer body read; the rest is not needed to judge it.
-MAX_ANSWER_BYTES: Final = 1024 * 1024
+#: Largest answer body read (the transport's cap); the rest is not needed to judge it.
+MAX_ANSWER_BYTES: Final = MAX_RESPONSE_BYTES
 #: Over S3's largest object: no backend's content_length maximum can be above it.
 OVERSIZED_CONTENT_LENGTH: Final = 5 * 1024**4 + 1
 #: Size of the single-PUT test object.
@@ -156,49 +156,30 @@ class Answer:
 
 
 class _Http:
-    """One session; each request sent once, with timeouts, and never redirected."""
+    """Sends each request once, through a transport that never retries."""
 
     def __init__(self, settings: Settings) -> None:
-        self._timeout = (settings.storage_connect_timeout_s, settings.storage_read_timeout_s)
-        session = requests.Session()
-        # No .netrc (it could add credentials to the no-token checks); proxies and the
-        # CA bundle are still taken from the environment, below.
-        session.trust_env = False
-        session.verify = (
-            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        config = TransportConfig(
+            connect_timeout_s=settings.storage_connect_timeout_s,
+            read_timeout_s=settings.storage_read_timeout_s,
+            min_send_rate_bytes_s=settings.storage_min_send_rate_bytes_s,
+            retry=RetryPolicy(attempts=1),
         )
-        session.headers["User-Agent"] = "ctrlupload-conformance"
-        session.headers["Accept-Encoding"] = "identity"
-        self._session = session
+        self._transport = Transport(config, user_agent="ctrlupload-conformance")
 
     def send(
         self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]
     ) -> Answer:
-        """Send once; a bytes body always goes with its exact Content-Length."""
-        response = self._session.request(
-            method,
-            url,
-            data=body,
-            headers=dict(headers),
-            timeout=self._timeout,
-            allow_redirects=False,
-            proxies=requests.utils.get_environ_proxies(url),
-            stream=True,
-        )
-        try:
-            content = response.raw.read(MAX_ANSWER_BYTES, decode_content=True)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            # Reported like a failure before the headers; the text would name the URL.
-            raise requests.ConnectionError(
-                f"reading the answer failed: {type(exc).__name__}"
-            ) from None
-        finally:
-            response.close()
-        lowered = {name.lower(): value for name, value in response.headers.items()}
-        return Answer(response.status_code, lowered, content)
+        """Send once; a bytes body always goes with its exact Content-Length.
+
+        Raises:
+            TransportFailure: No answer came (refused, reset, timed out).
+        """
+        result = self._transport.send(method, url, body=body, headers=headers)
+        return Answer(result.status_code, result.headers, result.body)
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
 
 # -- deciding: pure functions over answers -----------------------------------------------
@@ -616,7 +597,7 @@ def _register_refusal(name: str, header: str) -> None:
             headers = _without(headers, header)
             headers["Content-Type"] = WRONG_CONTENT_TYPE
         else:
-            body += b"x"  # requests sends the longer body's own Content-Length
+            body += b"x"  # the transport sends the longer body's own Content-Length
             headers = _without(headers, header)
         answer = run.put(signed.upload_url, body, headers)
         if answer.status != 403:
@@ -919,14 +900,14 @@ def _run_one(check: Check, run: _Run) -> CheckResult:
         return CheckResult(name, "FAIL", redact_text(failed.reason))
     except _Skipped as skipped:
         return CheckResult(name, "SKIP", redact_text(skipped.reason), allowed=skipped.allowed)
-    except requests.RequestException as exc:
-        return CheckResult(name, "FAIL", _request_failure(exc))
+    except TransportFailure as failure:
+        return CheckResult(name, "FAIL", _request_failure(failure))
     return CheckResult(name, "PASS")
 
 
-def _request_failure(exc: requests.RequestException) -> str:
-    # requests' text names the URL with its query string; redact_text drops that.
-    return redact_text(f"request failed: {type(exc).__name__}: {str(exc)[:300]}")
+def _request_failure(failure: TransportFailure) -> str:
+    # The transport has redacted it already; redacting again costs nothing.
+    return redact_text(f"request failed: {failure.args[0][:300]}")
 
 
 def _clean_up(run: _Run) -> list[str]:
@@ -935,16 +916,16 @@ def _clean_up(run: _Run) -> list[str]:
     for upload_id, key in list(run.pending_uploads.items()):
         try:
             answer = run.post("multipart_abort", {"object_key": key, "upload_id": upload_id})
-        except requests.RequestException as exc:
-            notes.append(f"could not abort the upload of '{key}': {_request_failure(exc)}")
+        except TransportFailure as failure:
+            notes.append(f"could not abort the upload of '{key}': {_request_failure(failure)}")
             continue
         if answer.status != 200:
             notes.append(f"could not abort the upload of '{key}': {describe(answer)}")
     for key in sorted(run.stored_keys):
         try:
             answer = run.post("delete", {"object_key": key})
-        except requests.RequestException as exc:
-            notes.append(f"could not delete '{key}': {_request_failure(exc)}")
+        except TransportFailure as failure:
+            notes.append(f"could not delete '{key}': {_request_failure(failure)}")
             continue
         if answer.status != 200:
             notes.append(f"could not delete '{key}': {describe(answer)}")

@@ -515,6 +515,39 @@ class Transport:
         """
         return self._send("PUT", url, data=body, headers=dict(headers))
 
+    def send(
+        self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]
+    ) -> HttpResult:
+        """Send one request of any method, with ``body`` sent as exactly those bytes.
+
+        The framing is this method's: a bytes body, empty included, goes with its own
+        ``Content-Length`` (never chunked), and any ``Content-Length`` or
+        ``Transfer-Encoding`` in ``headers`` is dropped. Like every call, it is retried
+        by the transport's retry policy and never follows a redirect; a 3xx, 4xx or 5xx
+        comes back as an :class:`HttpResult`.
+
+        Args:
+            method: The HTTP method, e.g. ``"DELETE"``.
+            url: Where to send it.
+            body: The bytes to send, or None for no body.
+            headers: Headers to send as given (no token is added).
+
+        Returns:
+            The answer.
+
+        Raises:
+            TransportFailure: The request could not be completed (already retried).
+        """
+        sent = {
+            name: value
+            for name, value in headers.items()
+            if name.lower() not in ("content-length", "transfer-encoding")
+        }
+        if body is not None:
+            # requests leaves it out for an empty GET body; say it is there, and empty.
+            sent["Content-Length"] = str(len(body))
+        return self._send(method, url, data=body, headers=sent)
+
     def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
         logger.debug("%s %s", method, redact_url(url))
         call = _Call(self.config, self._watchdog)

@@ -419,8 +419,36 @@ def test_unreachable_backend_fails_every_check_without_a_traceback() -> None:
     report = conformance(f"http://127.0.0.1:{port}", "some-token-value", skip_multipart=True)
 
     assert report.status == 1
-    assert report.reason("presign-shape").startswith("request failed: ConnectionError")
+    assert report.reason("presign-shape").startswith(
+        "request failed: connection failed: NewConnectionError"
+    )
     assert "Traceback" not in report.text
+
+
+def test_each_request_is_sent_once_even_when_the_backend_answers_503(served: Any) -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    def recording(app: WsgiApp) -> WsgiApp:
+        refusing = refuse_paths(app, {_PRESIGN}, 503, "unavailable")
+
+        def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO") == _PRESIGN:
+                body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                seen.append((environ.get("HTTP_AUTHORIZATION", ""), body))
+            return refusing(environ, start_response)
+
+        return wrapped
+
+    url = served(recording)
+    # The client's retry settings are not the checker's: it never retries.
+    retrying = Settings.from_env({"STORAGE_RETRY_ATTEMPTS": "5"}, dotenv_path=None)
+
+    report = conformance(url, served.server.token, settings=retrying, skip_multipart=True)
+
+    assert report.reason("presign-shape") == (
+        "presign-put answered 503 unavailable (refused by the test (unavailable)), expected 200"
+    )
+    assert seen and len(set(seen)) == len(seen), "a presign request was sent twice"
 
 
 def test_skip_multipart_skips_only_the_multipart_checks(

@@ -239,3 +239,105 @@ def test_a_compressed_answer_is_not_requested(transport: Transport) -> None:
     with RawSocketServer(recording) as server:
         transport.post_json(server.base_url + "/x", {}, token="t0k3n")
     assert b"accept-encoding: identity" in heads[0].lower()
+
+
+# -- send: any method, exact bytes, one attempt when the policy says so ------------------
+
+
+class Recording:
+    """A raw handler that keeps each request's head and body, then plays ``answer``."""
+
+    def __init__(self, answer: Callable[[socket.socket], None] = _answer) -> None:
+        self._answer = answer
+        self.requests: list[tuple[bytes, bytes]] = []
+
+    def __call__(self, conn: socket.socket) -> None:
+        while True:
+            head = _read_request_head(conn)
+            if not head:
+                return
+            head, _, body = head.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            while len(body) < length:
+                block = conn.recv(65536)
+                if not block:
+                    return
+                body += block
+            self.requests.append((head.lower(), body))
+            self._answer(conn)
+
+
+def _once() -> Transport:
+    return Transport(config(retry=RetryPolicy(attempts=1)), user_agent="test")
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("PUT", b""), ("GET", b""), ("POST", b'{"object_key": "conformance/'), ("DELETE", b"x")],
+)
+def test_send_sends_the_exact_bytes_with_their_content_length_never_chunked(
+    transport: Transport, method: str, body: bytes
+) -> None:
+    handler = Recording()
+    with RawSocketServer(handler) as server:
+        result = transport.send(
+            method,
+            server.base_url + "/x",
+            body=body,
+            # A stale length or a chunked framing from the caller must not go out.
+            headers={"content-length": "999", "Transfer-Encoding": "chunked", "X-A": "b"},
+        )
+    assert result.ok
+    [(head, sent)] = handler.requests
+    assert head.startswith(method.lower().encode() + b" /x http/1.1")
+    assert sent == body
+    assert f"\r\ncontent-length: {len(body)}".encode() in head
+    assert head.count(b"content-length:") == 1
+    assert b"transfer-encoding" not in head
+    assert b"\r\nx-a: b" in head
+
+
+def test_send_with_no_retries_answers_a_5xx_after_one_attempt() -> None:
+    def always_503(conn: socket.socket) -> None:
+        _answer(conn, b"{}", "503 Service Unavailable")
+
+    handler = Recording(always_503)
+    transport = _once()
+    try:
+        with RawSocketServer(handler) as server:
+            result = transport.send("POST", server.base_url + "/x", body=b"{}", headers={})
+    finally:
+        transport.close()
+    assert result.status_code == 503
+    assert result.attempts == 1
+    assert len(handler.requests) == 1
+
+
+def test_send_with_no_retries_fails_after_one_attempt_cut_mid_answer() -> None:
+    handler = Scripted(cut_mid_body_with_reset)
+    transport = _once()
+    try:
+        with RawSocketServer(handler) as server, pytest.raises(TransportFailure) as caught:
+            transport.send("GET", server.base_url + "/x?signature=s3cr3t", body=None, headers={})
+    finally:
+        transport.close()
+    assert handler.requests == 1
+    assert "attempts" not in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_send_does_not_follow_a_redirect(transport: Transport) -> None:
+    def redirect(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    handler = Recording(redirect)
+    with RawSocketServer(handler) as server:
+        result = transport.send("PUT", server.base_url + "/x", body=b"abc", headers={})
+    assert result.status_code == 307
+    assert result.headers["location"] == "/elsewhere"
+    assert [head.split(b"\r\n", 1)[0] for head, _ in handler.requests] == [b"put /x http/1.1"]
