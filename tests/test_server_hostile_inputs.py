@@ -264,3 +264,43 @@ def test_signed_fields_cannot_trade_a_newline_between_them(store: LocalObjectSto
     assert store.authorize("a", content_type="b\nc/d", content_length=4, **query).key == "a"
     with pytest.raises(UploadRejected):
         store.authorize("a\nb", content_type="c/d", content_length=4, **query)
+
+
+def s3_code(answer: requests.Response) -> str:
+    return answer.text.split("<Code>")[1].split("</Code>")[0]
+
+
+@pytest.mark.parametrize("signature", ["%C3%A9" * 32, "%F0%9F%94%91", "%FF%FE"])
+def test_a_non_ascii_signature_is_a_signature_mismatch(
+    backend: LocalBackend, signature: str
+) -> None:
+    signed = backend.post(
+        "/internal/storage/presign-put",
+        object_key=KEY,
+        content_type="video/mp4",
+        content_length=4,
+    ).json()
+    expires = query_of(signed["upload_url"])["expires"]
+    url = f"{backend.base_url}/upload/{KEY}?expires={expires}&signature={signature}"
+
+    answer = requests.put(url, data=b"body", headers=signed["headers"], timeout=10)
+
+    assert answer.status_code == 403, answer.text
+    assert s3_code(answer) == "SignatureDoesNotMatch"
+
+
+def test_a_non_ascii_part_signature_is_a_signature_mismatch(backend: LocalBackend) -> None:
+    upload_id, _ = backend.upload_parts(KEY, b"part")
+    signed = backend.post(
+        "/internal/storage/multipart/presign-parts",
+        object_key=KEY,
+        upload_id=upload_id,
+        part_numbers=[1],
+    ).json()["parts"][0]
+    expires = query_of(signed["upload_url"])["expires"]
+    url = f"{backend.base_url}/upload-part/{upload_id}/1?expires={expires}&signature=%C3%A9"
+
+    answer = requests.put(url, data=b"part", timeout=10)
+
+    assert answer.status_code == 403, answer.text
+    assert s3_code(answer) == "SignatureDoesNotMatch"

@@ -201,6 +201,11 @@ class LocalObjectStore:
     def _sign(self, grant: UploadGrant | PartGrant) -> str:
         return hmac.new(self._secret, string_to_sign(grant), hashlib.sha256).hexdigest()
 
+    def _signature_fits(self, grant: UploadGrant | PartGrant, signature: str | None) -> bool:
+        """Compare in constant time, as bytes: compare_digest refuses non-ASCII text."""
+        supplied = str(signature).encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(self._sign(grant).encode("ascii"), supplied)
+
     def presign_put(
         self, key: str, content_type: str, content_length: int, expires_sec: int
     ) -> PresignedPut:
@@ -233,7 +238,7 @@ class LocalObjectStore:
                 ``SignatureDoesNotMatch`` when anything signed differs.
         """
         grant = UploadGrant(key, content_type, content_length, _expiry(expires, signature))
-        if not hmac.compare_digest(self._sign(grant), str(signature)):
+        if not self._signature_fits(grant, signature):
             raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_SIGNATURE)
         if self._clock() > grant.expires_at:
             raise UploadRejected(403, "AccessDenied", "Request has expired")
@@ -379,7 +384,7 @@ class LocalObjectStore:
         with self._upload_lock(upload_id):
             _, key = self._open_upload(upload_id, None)
         grant = PartGrant(key, upload_id, part_number, content_length, expires_at)
-        if not hmac.compare_digest(self._sign(grant), str(signature)):
+        if not self._signature_fits(grant, signature):
             raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_PART_SIGNATURE)
         if self._clock() > expires_at:
             raise UploadRejected(403, "AccessDenied", "Request has expired")
