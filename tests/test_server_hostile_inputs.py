@@ -29,7 +29,7 @@ from ctrlupload.protocol._contract import (
 from ctrlupload.server import LocalObjectStore, openapi_document
 from ctrlupload.server._store import UploadRejected
 from tests.conftest import backend_settings
-from tests.support.local_backend import LocalBackend, local_backend
+from tests.support.local_backend import TOKEN, LocalBackend, local_backend
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
 
@@ -304,3 +304,28 @@ def test_a_non_ascii_part_signature_is_a_signature_mismatch(backend: LocalBacken
 
     assert answer.status_code == 403, answer.text
     assert s3_code(answer) == "SignatureDoesNotMatch"
+
+
+# -- JSON bodies -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"object_key": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    ],
+    ids=["arrays", "objects", "inside a field"],
+)
+def test_deeply_nested_json_is_a_bad_request(backend: LocalBackend, body: bytes) -> None:
+    answer = requests.post(
+        f"{backend.base_url}/internal/storage/presign-put",
+        data=body,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "bad_request"
+    assert "nested" in answer.json()["message"]

@@ -851,6 +851,9 @@ def _read_json(environ: Environ) -> Any:
         return json.loads(raw)
     except ValueError:
         raise _HttpError(400, "bad_request", "body is not valid JSON") from None
+    except RecursionError:
+        # A small body can nest deeper than the decoder recurses ([[[[...]]]]).
+        raise _HttpError(400, "bad_request", "body is JSON nested too deeply") from None
 
 
 def _describe_validation(exc: ValidationError) -> str:
