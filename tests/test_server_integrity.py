@@ -538,3 +538,70 @@ def test_a_multipart_complete_racing_its_abort_completes_first_and_whole(
         upload = backend.db.get_upload(upload_id)
         assert upload is not None and upload.completed
         assert_rows_only_for_stored_objects(backend)
+
+
+# -- folders under objects/ ----------------------------------------------------------------
+
+
+def test_a_key_that_was_a_folder_can_be_an_object_once_its_objects_are_deleted(
+    tmp_path: Path,
+) -> None:
+    with local_backend(tmp_path / "data") as backend:
+        assert backend.put("a/b/c", b"deep").status_code == 200
+        assert backend.put("a", b"flat").status_code == 400  # "a" is a folder on disk
+        assert backend.post("/internal/storage/delete", object_key="a/b/c").status_code == 200
+
+        assert backend.put("a", b"flat").status_code == 200
+        assert backend.put("a/b/c", b"deep").status_code == 400  # now "a" is a file
+
+        assert backend.get("a").content == b"flat"
+        assert sorted(path.name for path in backend.store.objects_dir.iterdir()) == ["a"]
+        assert sorted(path.name for path in backend.store.meta_dir.iterdir()) == ["a"]
+
+
+def test_deleting_the_last_object_of_a_folder_leaves_no_empty_folder(
+    store: LocalObjectStore,
+) -> None:
+    for key in ("x/y/one", "x/y/two", "x/z"):
+        store.receive(UploadGrant(key, "video/mp4", 1, 2**40), io.BytesIO(b"1"))
+    store.delete("x/y/one")
+    assert (store.objects_dir / "x" / "y").is_dir()
+
+    store.delete("x/y/two")
+    assert not (store.objects_dir / "x" / "y").exists()
+    assert not (store.meta_dir / "x" / "y").exists()
+    store.delete("x/z")
+
+    assert list(store.objects_dir.iterdir()) == []
+    assert list(store.meta_dir.iterdir()) == []
+
+
+def test_pruning_a_folder_never_races_a_publish_into_it(
+    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.receive(UploadGrant("a/old", "video/mp4", 1, 2**40), io.BytesIO(b"1"))
+    gate = PublishGate(store.objects_dir, "publish", "", hold_before=True)
+    deleted = threading.Event()
+    gate.released = deleted  # the publish waits at its rename for the delete to be done
+    monkeypatch.setattr(os, "replace", gate.replace)
+    failures: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            store.receive(UploadGrant("a/new", "video/mp4", 3, 2**40), io.BytesIO(b"new"))
+        except BaseException as exc:
+            failures.append(exc)
+
+    def delete() -> None:
+        store.delete("a/old")
+        deleted.set()
+
+    one = run_named("publish", publish)
+    assert gate.holding.wait(timeout=10)
+    two = run_named("delete", delete)
+    one.join(timeout=10)
+    two.join(timeout=10)
+
+    assert failures == []
+    assert store.head("a/new") == ObjectInfo(3, f'"{md5_hex(b"new")}"')
+    assert store.head("a/old") is None

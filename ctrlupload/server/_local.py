@@ -26,8 +26,11 @@ file's inode, size and mtime, which the rename keeps. A meta that does not descr
 file now at the key (left by a crash before the rename, or by an older file) is
 ignored, and the ETag is computed from the file instead. So a crash at any point of
 publishing leaves the old object or the new one, whole, with its own ETag. Publishing
-(meta, then rename) and deleting take a lock per key (striped), so the meta at a key is
-always that of the file there, even when writers race.
+(meta, then mkdir and rename) and deleting (unlink, then prune) take one lock for a few
+system calls, so the meta at a key is always that of the file there, even when writers
+race. Deleting removes the folders it leaves empty (S3 has no folders: once ``a/b`` is
+gone, ``a`` can be an object), and the lock keeps that from removing a folder a publish
+has just made.
 
 A part streams straight into its place in ``data``; its record is removed before its
 bytes are written and written again once they all are, so a listed part is always
@@ -184,10 +187,13 @@ class LocalObjectStore:
         self._secret = signing_secret or secrets.token_bytes(32)
         self._clock = clock
         self._sync_parts = sync_parts
-        self._lock = threading.Lock()
+        # Every change to objects/ and meta/ (publish: meta, mkdir, rename; delete:
+        # unlink, rmdir) runs under this one lock. So the meta at a key is always that
+        # of the file there, and a prune never removes a folder a publish has just made
+        # for its rename. Each holds it for a few system calls, never for a body.
+        self._tree_lock = threading.Lock()
         self._upload_lock = StripedLocks()
         self._part_lock = StripedLocks()
-        self._key_lock = StripedLocks()
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(data_dir={str(self.data_dir)!r}, base_url={self.base_url!r})"
@@ -569,14 +575,14 @@ class LocalObjectStore:
         The meta goes first, tied to the file's own inode, size and mtime, which the
         rename keeps: a meta left by a crash before the rename describes no file at the
         key and is ignored, and once the file is at the key its meta is already there.
-        Publishing and deleting are ordered per key, so that the meta at a key is that
+        Publishing and deleting are ordered (one lock), so that the meta at a key is that
         of the file at the key (two PUTs racing cannot leave one's meta beside the other's
         file, which would lose a multipart ETag: it cannot be recomputed from the bytes).
 
         Raises:
             UploadRejected: 400 when the file system cannot hold the key.
         """
-        with self._key_lock(key), _collisions_refused():
+        with self._tree_lock, _collisions_refused():
             self._write_meta(key, etag, stat)
             target = self._path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -651,14 +657,22 @@ class LocalObjectStore:
         return handle, info
 
     def delete(self, key: str) -> None:
-        """Remove the file and its meta; a missing file is fine."""
-        with self._key_lock(key):
-            for path in (self._path(key), self._meta_path(key)):
+        """Remove the file and its meta, and the folders they leave empty.
+
+        S3 has no folders: once ``a/b`` is deleted, ``a`` must be free to become an
+        object. A missing file is fine.
+        """
+        with self._tree_lock:
+            for root, path in (
+                (self.objects_dir, self._path(key)),
+                (self.meta_dir, self._meta_path(key)),
+            ):
                 try:
                     path.unlink()
                 except OSError as exc:
                     if not _means_absent(exc):
                         raise
+                _prune_empty_parents(root, path)
 
 
 def _expiry(expires: str | None, signature: str | None) -> int:
@@ -740,6 +754,17 @@ def _copy_range(source_fd: int, target_fd: int, length: int) -> int:
             break
         copied += moved
     return copied
+
+
+def _prune_empty_parents(root: Path, path: Path) -> None:
+    """Remove the folders above ``path`` that are empty, up to (not including) ``root``."""
+    folder = path.parent
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or already gone): nothing above it is empty either
+        folder = folder.parent
 
 
 def _md5_of(handle: BinaryIO) -> str:
