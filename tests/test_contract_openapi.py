@@ -14,9 +14,7 @@ rather than only unknown ones.
 The local store's endpoints (tag ``reference-local-store``) are included. Generated data
 cannot carry a valid HMAC signature, so they only see the rejection paths (403, 400,
 404), which must still be the documented S3-style answers; accepted uploads are covered
-by test_server_local.py and test_server_multipart.py. ``PUT /upload/{object_key}`` is
-left out of the generated run until the app takes an encoded slash in the key as a
-slash (the strict xfail below pins that bug).
+by test_server_local.py and test_server_multipart.py.
 
 ``use_after_free``, ``ensure_resource_availability`` and ``object_level_authorization``
 run too, but find little to hold on to here: they reason about REST resource paths
@@ -172,24 +170,15 @@ def test_every_check_schemathesis_has_is_run() -> None:
 lazy_api = schemathesis.pytest.from_fixture("api")
 
 
-# PUT /upload/{object_key} is left out only until the %2F bug below is fixed: the
-# generated keys contain '/', which schemathesis sends as %2F.
-@lazy_api.exclude(path="/upload/{object_key}").parametrize()
+@lazy_api.parametrize()
 @SETTINGS
 def test_reference_backend_conforms_to_its_served_document(case: schemathesis.Case) -> None:
     _as_a_client_sends_it(case)
     case.call_and_validate(headers=AUTH, checks=CHECKS_RUN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "app bug: cheroot leaves %2F encoded in PATH_INFO and the app takes the key from "
-        "it, so PUT /upload/a%2Fb is checked as key 'a%2Fb' though the document says %2F "
-        "is a slash. Once this passes, drop this xfail and the exclude(path=...) above."
-    ),
-)
 def test_local_store_put_takes_an_encoded_slash_as_a_slash(server: ReferenceServer) -> None:
+    # Generated keys contain '/', which schemathesis sends as %2F (as clients may).
     key = "videos/V-1/S-1/J-1/video.mp4"
     presigned = requests.post(
         f"{server.base_url}/internal/storage/presign-put",
