@@ -230,9 +230,7 @@ def test_the_client_refuses_a_bad_content_type_before_any_call(value: str) -> No
 def store(tmp_path: Path) -> Any:
     local = LocalObjectStore(tmp_path / "store", "http://127.0.0.1:1")
     yield local
-    close = getattr(local, "close", None)
-    if close is not None:
-        close()
+    local.close()
 
 
 def query_of(url: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any, cast
 import pytest
 import requests
 
+from ctrlupload import StorageError
 from ctrlupload.protocol import bare_etag, multipart_etag
 from ctrlupload.server import AssetDB, LocalObjectStore, ObjectInfo, StoredPart
 from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant
@@ -32,7 +33,7 @@ from tests.support.local_backend import (
     local_backend,
     md5_hex,
 )
-from tests.support.serve_process import REPO_ROOT, child_env
+from tests.support.serve_process import REPO_ROOT, ServeProcess, child_env
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
 
@@ -197,9 +198,7 @@ def test_a_server_killed_while_publishing_leaves_the_old_or_the_new_object_whole
 def store(tmp_path: Path) -> Iterator[LocalObjectStore]:
     local = LocalObjectStore(tmp_path / "store", "http://127.0.0.1:1")
     yield local
-    close = getattr(local, "close", None)
-    if close is not None:
-        close()
+    local.close()
 
 
 def grant_for(body: bytes) -> UploadGrant:
@@ -605,3 +604,60 @@ def test_pruning_a_folder_never_races_a_publish_into_it(
     assert failures == []
     assert store.head("a/new") == ObjectInfo(3, f'"{md5_hex(b"new")}"')
     assert store.head("a/old") is None
+
+
+# -- one server per data directory ---------------------------------------------------------
+
+
+def test_a_second_store_on_a_data_dir_in_use_is_refused_and_sweeps_nothing(
+    tmp_path: Path,
+) -> None:
+    first = LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1")
+    receiving = first.staging_dir / "0123456789abcdef.part"  # a body the first is receiving
+    receiving.write_bytes(b"half")
+
+    with pytest.raises(StorageError) as caught:
+        LocalObjectStore(tmp_path / "data", "http://127.0.0.1:2")
+
+    assert str(caught.value) == (
+        f"data dir {tmp_path / 'data'} is in use by another ctrlupload server (pid {os.getpid()})"
+    )
+    assert receiving.read_bytes() == b"half"
+    first.close()
+    first.close()  # closing twice is fine
+    with LocalObjectStore(tmp_path / "data", "http://127.0.0.1:2") as second:
+        assert not receiving.exists()  # swept by the one store that owns the dir now
+        assert second.head("nothing") is None
+
+
+def test_a_store_on_the_data_dir_of_a_running_server_is_refused(tmp_path: Path) -> None:
+    with ServeProcess(tmp_path / "data", cwd=tmp_path) as serve:
+        receiving = tmp_path / "data" / "staging" / "0123456789abcdef.part"
+        receiving.write_bytes(b"half")
+
+        with pytest.raises(
+            StorageError, match=rf"in use by another ctrlupload server \(pid {serve.pid}\)"
+        ):
+            LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1")
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ctrlupload",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            cwd=tmp_path,
+            env=child_env(drop=["BACKEND_SERVICE_TOKEN"]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+        assert second.returncode != 0
+        assert f"is in use by another ctrlupload server (pid {serve.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert receiving.read_bytes() == b"half"

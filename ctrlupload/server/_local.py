@@ -10,6 +10,8 @@ Multipart uploads follow S3 too. A part goes to ``PUT /upload-part/{upload_id}/{
 signed over the method, key, upload id, part number, exact length and expiry (not the
 content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
 
+    .lock                              flock'ed by the one store that owns the
+                                       directory, and its pid
     objects/<key>                      the stored objects
     meta/<key>                         their ETags, "<etag> <size> <mtime ns> <inode>"
     staging/<random>.part              bodies being received (swept at start)
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -61,9 +64,10 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Self
 from urllib.parse import quote, urlencode
 
 from .._errors import StorageError
@@ -92,6 +96,7 @@ _UPLOAD_ID: Final = re.compile(r"[0-9a-f]{32}")
 _KEY_FILE: Final = "object_key"
 _PART_SIZE_FILE: Final = "part_size"
 _DATA_FILE: Final = "data"
+_LOCK_FILE: Final = ".lock"
 # copy_file_range cannot serve these file pairs; plain reads and writes can.
 _NO_KERNEL_COPY: Final = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
@@ -152,12 +157,20 @@ class LocalObjectStore:
     Multipart uploads live in ``staging/multipart/`` and survive a restart: a client can
     resume one against a new server on the same ``data_dir`` and ``signing_secret``.
 
+    A store owns its ``data_dir`` until :meth:`close` (or until the process ends): it
+    holds an exclusive ``flock`` on ``data_dir/.lock``, taken before anything else, so a
+    second store or server on the same directory is refused before it could sweep the
+    first one's staging files. Use it as a context manager, or call :meth:`close`.
+
     Args:
         data_dir: Root directory; ``objects/`` and ``staging/`` are made under it.
         base_url: The server's external URL, for upload and public URLs.
         signing_secret: HMAC key for upload URLs; random (per process) by default.
         clock: Seconds since the epoch; tests move it.
         sync_parts: fsync every multipart part as it arrives, not only assembled objects.
+
+    Raises:
+        StorageError: Another store (in this process or another) holds ``data_dir``.
     """
 
     def __init__(
@@ -176,13 +189,23 @@ class LocalObjectStore:
         # Made on the first multipart upload, so a store that never sees one keeps
         # staging/ empty between uploads.
         self.multipart_dir = self.staging_dir / "multipart"
-        for folder in (self.objects_dir, self.staging_dir, self.meta_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a server that was killed mid-upload: nobody can finish them.
-        # (One server per data directory.) Multipart uploads are kept: clients resume them.
-        for stale in self.staging_dir.glob("*.part"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = _own_data_dir(self.data_dir)
+        # Released by close(), or when the store is collected; the kernel drops it too
+        # when the process dies, so a killed server leaves no stale lock.
+        self._release = weakref.finalize(self, os.close, lock_fd)
+        try:
+            for folder in (self.objects_dir, self.staging_dir, self.meta_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            # Leftovers of a server that was killed mid-upload: nobody can finish them
+            # (the lock says no other server is receiving them). Multipart uploads are
+            # kept: clients resume them.
+            for stale in self.staging_dir.glob("*.part"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        except BaseException:
+            self._release()
+            raise
         self.base_url = base_url.rstrip("/")
         self._secret = signing_secret or secrets.token_bytes(32)
         self._clock = clock
@@ -197,6 +220,19 @@ class LocalObjectStore:
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(data_dir={str(self.data_dir)!r}, base_url={self.base_url!r})"
+
+    def close(self) -> None:
+        """Give up ``data_dir`` for another store; closing again does nothing.
+
+        The store must not be used afterwards.
+        """
+        self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _path(self, key: str) -> Path:
         return self.objects_dir.joinpath(*key.split("/"))
@@ -673,6 +709,33 @@ class LocalObjectStore:
                     if not _means_absent(exc):
                         raise
                 _prune_empty_parents(root, path)
+
+
+def _own_data_dir(data_dir: Path) -> int:
+    """Lock ``data_dir/.lock`` for this store and write our pid in it; the open fd.
+
+    Raises:
+        StorageError: Another store holds the lock (its pid is in the message), or the
+            lock file cannot be opened.
+    """
+    path = data_dir / _LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StorageError(
+                f"data dir {data_dir} is in use by another ctrlupload server (pid {holder})"
+            ) from None
+        raise StorageError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
 
 
 def _expiry(expires: str | None, signature: str | None) -> int:

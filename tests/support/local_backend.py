@@ -146,9 +146,7 @@ def local_backend(
     with contextlib.ExitStack() as stack:
         stack.callback(server.stop)
         store = LocalObjectStore(data_dir, base_url)
-        close = getattr(store, "close", None)
-        if close is not None:
-            stack.callback(close)
+        stack.callback(store.close)
         db = db_class(data_dir / "assets.sqlite3")
         stack.callback(db.close)
         app = ReferenceBackend(
