@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -25,7 +27,7 @@ import requests
 from ctrlupload import StorageError
 from ctrlupload.protocol import bare_etag, multipart_etag
 from ctrlupload.server import AssetDB, LocalObjectStore, ObjectInfo, StoredPart
-from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant
+from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant, UploadRejected
 from tests.support.local_backend import (
     SMALL_PART,
     LocalBackend,
@@ -661,3 +663,49 @@ def test_a_store_on_the_data_dir_of_a_running_server_is_refused(tmp_path: Path) 
         assert f"is in use by another ctrlupload server (pid {serve.pid})" in second.stderr
         assert "Traceback" not in second.stderr
         assert receiving.read_bytes() == b"half"
+
+
+# -- the signing key survives restarts -------------------------------------------------------
+
+
+def test_a_url_signed_before_a_restart_still_works_after_it(tmp_path: Path) -> None:
+    body = b"signed before the restart"
+    with LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1") as first:
+        signed = first.presign_put(KEY, "video/mp4", len(body), 600)
+    query = {
+        name: values[0] for name, values in parse_qs(urlsplit(signed.upload_url).query).items()
+    }
+
+    with LocalObjectStore(tmp_path / "data", "http://127.0.0.1:2") as second:
+        grant = second.authorize(KEY, content_type="video/mp4", content_length=len(body), **query)
+        assert second.receive(grant, io.BytesIO(body)).etag == f'"{md5_hex(body)}"'
+
+    key_file = tmp_path / "data" / "signing.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key_file.read_bytes()) == 32
+
+
+def test_a_given_signing_secret_overrides_the_kept_key(tmp_path: Path) -> None:
+    with LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1") as kept:
+        signed = kept.presign_put(KEY, "video/mp4", 4, 600)
+    query = {
+        name: values[0] for name, values in parse_qs(urlsplit(signed.upload_url).query).items()
+    }
+
+    with LocalObjectStore(
+        tmp_path / "data", "http://127.0.0.1:1", signing_secret=b"s" * 32
+    ) as given:
+        with pytest.raises(UploadRejected):
+            given.authorize(KEY, content_type="video/mp4", content_length=4, **query)
+        resigned = given.presign_put(KEY, "video/mp4", 4, 600)
+    assert resigned.upload_url != signed.upload_url
+
+
+def test_a_damaged_signing_key_is_refused_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "signing.key").write_bytes(b"short")
+
+    with pytest.raises(StorageError, match=r"signing\.key holds 5 bytes"):
+        LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1")
+    # The lock was given up with the failed start.
+    LocalObjectStore(tmp_path / "data", "http://127.0.0.1:1", signing_secret=b"s" * 32).close()

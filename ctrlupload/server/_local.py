@@ -12,6 +12,8 @@ content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
 
     .lock                              flock'ed by the one store that owns the
                                        directory, and its pid
+    signing.key                        the HMAC key of its URLs (32 bytes, mode 0600)
+                                       unless one is given; kept across restarts
     objects/<key>                      the stored objects
     meta/<key>                         their ETags, "<etag> <size> <mtime ns> <inode>"
     staging/<random>.part              bodies being received (swept at start)
@@ -97,6 +99,9 @@ _KEY_FILE: Final = "object_key"
 _PART_SIZE_FILE: Final = "part_size"
 _DATA_FILE: Final = "data"
 _LOCK_FILE: Final = ".lock"
+_SIGNING_KEY_FILE: Final = "signing.key"
+#: Bytes of a new signing key: 256 bits, the size of an HMAC-SHA256 digest.
+SIGNING_KEY_BYTES: Final = 32
 # copy_file_range cannot serve these file pairs; plain reads and writes can.
 _NO_KERNEL_COPY: Final = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
@@ -155,7 +160,8 @@ class LocalObjectStore:
     """Objects as files under ``data_dir/objects``; thread-safe.
 
     Multipart uploads live in ``staging/multipart/`` and survive a restart: a client can
-    resume one against a new server on the same ``data_dir`` and ``signing_secret``.
+    resume one against a new server on the same ``data_dir`` (and ``signing_secret``, when
+    one is given instead of the kept key).
 
     A store owns its ``data_dir`` until :meth:`close` (or until the process ends): it
     holds an exclusive ``flock`` on ``data_dir/.lock``, taken before anything else, so a
@@ -165,12 +171,15 @@ class LocalObjectStore:
     Args:
         data_dir: Root directory; ``objects/`` and ``staging/`` are made under it.
         base_url: The server's external URL, for upload and public URLs.
-        signing_secret: HMAC key for upload URLs; random (per process) by default.
+        signing_secret: HMAC key for upload URLs. By default the key kept in
+            ``data_dir/signing.key`` (32 random bytes, mode 0600, made on first use), so
+            URLs issued before a restart keep working until they expire.
         clock: Seconds since the epoch; tests move it.
         sync_parts: fsync every multipart part as it arrives, not only assembled objects.
 
     Raises:
-        StorageError: Another store (in this process or another) holds ``data_dir``.
+        StorageError: Another store (in this process or another) holds ``data_dir``,
+            or ``signing.key`` cannot be read or made, or holds too few bytes.
     """
 
     def __init__(
@@ -203,11 +212,11 @@ class LocalObjectStore:
             for stale in self.staging_dir.glob("*.part"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
+            self._secret = signing_secret or _signing_key(self.data_dir / _SIGNING_KEY_FILE)
         except BaseException:
             self._release()
             raise
         self.base_url = base_url.rstrip("/")
-        self._secret = signing_secret or secrets.token_bytes(32)
         self._clock = clock
         self._sync_parts = sync_parts
         # Every change to objects/ and meta/ (publish: meta, mkdir, rename; delete:
@@ -736,6 +745,54 @@ def _own_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
+
+
+def _signing_key(path: Path) -> bytes:
+    """The key kept at ``path``, made first if there is none; the caller owns the dir.
+
+    A new key is written whole to a private temporary file (O_EXCL, mode 0600) and
+    linked into place, so ``path`` never holds part of a key, and a key that is there
+    is never replaced.
+
+    Raises:
+        StorageError: The key cannot be read or made, or holds too few bytes.
+    """
+    try:
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            key = _make_signing_key(path)
+    except OSError as exc:
+        raise StorageError(f"cannot read or make {path}: {exc.strerror or exc}") from exc
+    if len(key) < SIGNING_KEY_BYTES:
+        raise StorageError(
+            f"{path} holds {len(key)} bytes, not {SIGNING_KEY_BYTES}: remove it to make a "
+            "new one (URLs signed with it stop working)"
+        )
+    return key
+
+
+def _make_signing_key(path: Path) -> bytes:
+    key = secrets.token_bytes(SIGNING_KEY_BYTES)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(key)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return path.read_bytes()
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    return key
 
 
 def _expiry(expires: str | None, signature: str | None) -> int:
