@@ -265,6 +265,22 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+def git_facts() -> dict[str, Any]:
+    """The commit under test, and the library's files that differ from it."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_library_files": [
+            line[3:] for line in git("status", "--short", "ctrlupload").splitlines()
+        ],
+    }
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -639,7 +655,12 @@ def render(report: dict[str, Any]) -> str:
         f"urllib3 {facts['urllib3']}, cheroot {facts['cheroot']}; load average at start "
         f"{facts['load_average_start']}, at end {report['load_average_end']}",
         "",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}`, at {facts['git_head']}"
+        + (
+            " (uncommitted: " + ", ".join(facts["uncommitted_library_files"]) + ")"
+            if facts["uncommitted_library_files"]
+            else ""
+        ),
         "",
         "| measure | old (`_wsgi.py`, http.server) | new (`_http.py`, cheroot) | new / old |",
         "|---|---:|---:|---:|",
@@ -806,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_average(),
         "client_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "old_gateway": f"{OLD_REVISION}:{OLD_PATH}",
+        **git_facts(),
     }
     log(f"machine: {json.dumps(facts)}")
     base = args.workdir
