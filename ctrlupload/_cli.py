@@ -388,13 +388,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _log_to_stderr(*, access_log: bool) -> None:
-    """Server logs (and the access log, unless turned off) as lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    """Server logs (and the access log, unless turned off) as lines on stderr; once."""
     server_logger = logging.getLogger("ctrlupload.server")
-    server_logger.addHandler(handler)
+    if not any(getattr(handler, "ctrlupload_serve", False) for handler in server_logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.ctrlupload_serve = True  # type: ignore[attr-defined]
+        server_logger.addHandler(handler)
     server_logger.setLevel(logging.INFO)
-    server_logger.propagate = False
     logging.getLogger("ctrlupload.server.access").setLevel(
         logging.INFO if access_log else logging.WARNING
     )

@@ -94,6 +94,8 @@ class ReferenceServer:
         from ._http import WSGIServer  # cheroot: ctrlupload[server]
 
         self._server = WSGIServer(None, config.host, config.port, config.limits)
+        store: ObjectStore | None = None
+        db: AssetDB | None = None
         try:
             host = self._server.host
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
@@ -102,8 +104,9 @@ class ReferenceServer:
                 config.public_url or f"http://{shown_host}:{self._server.port}"
             ).rstrip("/")
             data_dir = Path(config.data_dir)
-            self.db = AssetDB(config.db_path or data_dir / "assets.sqlite3")
-            self.store = self._make_store(config, data_dir)
+            # The store first: the local one locks data_dir before anything is opened.
+            self.store = store = self._make_store(config, data_dir)
+            self.db = db = AssetDB(config.db_path or data_dir / "assets.sqlite3")
             self.app = ReferenceBackend(
                 token=self.token,
                 store=self.store,
@@ -117,6 +120,10 @@ class ReferenceServer:
             )
         except BaseException:
             self._server.stop()
+            if db is not None:
+                db.close()
+            if store is not None:
+                store.close()
             raise
         self._server.set_app(self.app)
 
@@ -163,9 +170,10 @@ class ReferenceServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the database."""
+        """Stop serving, then close the database and the store (which frees data_dir)."""
         self._server.stop()
         self.db.close()
+        self.store.close()
 
     def __enter__(self) -> ReferenceServer:
         return self.start()

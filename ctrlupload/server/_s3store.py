@@ -658,6 +658,12 @@ class S3ObjectStore:
         except self._boto_errors as exc:
             raise self._error("HeadBucket", None, exc) from exc
 
+    def close(self) -> None:
+        """Close the S3 client's connection pool."""
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
     def _error(self, operation: str, key: str | None, exc: Exception) -> ObjectStoreError:
         target = (
             f"bucket '{self._bucket}'" if key is None else f"'{key}' in bucket '{self._bucket}'"

@@ -204,6 +204,13 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release what the store holds (the local store's lock on its data_dir).
+
+        Idempotent; the store is not used afterwards.
+        """
+        ...
+
     # -- uploads and downloads the store serves itself ---------------------------------
     #
     # A store whose presigned URLs point at the reference backend (the local store)
