@@ -271,7 +271,7 @@ def git_facts() -> dict[str, Any]:
     def git(*argv: str) -> str:
         return subprocess.run(
             ["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
+        ).stdout.rstrip("\n")
 
     return {
         "git_head": git("rev-parse", "--short", "HEAD"),
