@@ -46,9 +46,10 @@ and complete check; where power loss must be survived, run with ``sync_parts=Tru
 ``complete`` of consecutive whole parts truncates ``data`` to the
 object's size, fsyncs it and renames it into ``objects/``; otherwise the parts are
 copied in order into a new file first (kernel-side with ``copy_file_range`` where it
-can). Nothing ever creates ``data`` again: an upload folder that lists parts but has no
-``data`` was published by a completion that died before removing the folder, and it
-answers ``NoSuchUpload`` (the app then checks the stored object against the part list).
+can). Nothing recreates ``data``: an upload folder that lists parts but has no ``data``
+was published by a completion that died before removing the folder, and it answers
+``NoSuchUpload`` (the app then checks the stored object against the part list). (A
+folder with neither was started by an older version, and gets an empty ``data``.)
 A lock per upload (striped) orders part records, completion and abort.
 """
 
