@@ -35,7 +35,8 @@ class ServerConfig:
         public_url: The URL clients reach this server at; ``http://host:port`` by default.
         max_content_length: Largest upload presign accepts (S3's 5 GiB single-PUT limit).
         expires_sec: Lifetime of presigned URLs.
-        signing_secret: HMAC key of the local store's URLs; random per run when None.
+        signing_secret: HMAC key of the local store's URLs; when None, the key kept in
+            ``data_dir/signing.key`` (made on first start, mode 0600).
         db_path: The SQLite file; ``data_dir/assets.sqlite3`` by default.
         s3_bucket: Bucket of the s3 store.
         s3_endpoint_url: S3-compatible endpoint (MinIO, moto...); AWS when None.
