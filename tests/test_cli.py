@@ -512,3 +512,42 @@ def test_serve_s3_store_without_a_bucket_exits_1_with_a_clear_message(tmp_path: 
         "ctrlupload: error: cannot start the backend: "
         "the s3 store needs a bucket (--s3-bucket / STORAGE_S3_BUCKET)\n"
     )
+
+
+def test_serve_signing_secret_from_a_file_or_the_environment_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    secret = "s" * 40
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret + "\n")
+    key = "videos/V-CLI/S-1/JOB-5/thumb.jpg"
+    args = ("--port", "0", "--signing-secret-file", str(secret_file))
+    # A data dir of its own each time: the key must come from the flag or the variable.
+    with ServeProcess(tmp_path / "one", env=_settings_free_env(), cwd=tmp_path, args=args) as one:
+        assert one.token is not None
+        presign = presign_put(one.base_url, one.token, key, "image/jpeg", 3)
+        first_base = one.base_url
+    assert not (tmp_path / "one" / "signing.key").exists()
+    env = _settings_free_env(CTRLUPLOAD_SIGNING_SECRET=secret)
+    with ServeProcess(tmp_path / "two", env=env, cwd=tmp_path) as two:
+        # The host is not signed: the URL works against the new server's address.
+        url = presign["upload_url"].replace(first_base, two.base_url, 1)
+        stored = requests.put(url, data=b"jpg", headers=presign["headers"], timeout=10)
+        assert stored.status_code == 200, stored.text
+        assert two.stop() == 0
+
+
+def test_serve_refuses_a_short_signing_secret(tmp_path: Path) -> None:
+    done = _run_cli(
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+        env=_settings_free_env(CTRLUPLOAD_SIGNING_SECRET="short"),
+    )
+    assert done.returncode == 1
+    assert "CTRLUPLOAD_SIGNING_SECRET is 5 bytes; it needs at least 32" in done.stderr
+    assert "short" not in done.stderr.replace("is 5 bytes", "")
+    assert "Traceback" not in done.stderr
