@@ -319,14 +319,10 @@ class LocalObjectStore:
         temp_path = Path(temp_name)
         try:
             with open(fd, "wb", buffering=0) as handle:
-                remaining = length
-                while remaining:
-                    block = body.read(min(remaining, RECEIVE_BLOCK_BYTES))
-                    if not block:
-                        raise IncompleteBody(f"body ended {remaining} bytes short of {length}")
+                for block in _body_blocks(body, length):
                     md5.update(block)
-                    handle.write(block)
-                    remaining -= len(block)
+                    while block:
+                        block = block[handle.write(block) :]
                 if sync:
                     os.fsync(handle.fileno())
                 stat = os.fstat(handle.fileno())
@@ -472,20 +468,12 @@ class LocalObjectStore:
             md5 = hashlib.md5(usedforsecurity=False)
             try:
                 offset = (grant.part_number - 1) * part_size
-                remaining = grant.content_length
-                while remaining:
-                    block = body.read(min(remaining, RECEIVE_BLOCK_BYTES))
-                    if not block:
-                        raise IncompleteBody(
-                            f"body ended {remaining} bytes short of {grant.content_length}"
-                        )
+                for block in _body_blocks(body, grant.content_length):
                     md5.update(block)
-                    view = memoryview(block)
-                    while view:
-                        written = os.pwrite(fd, view, offset)
-                        view = view[written:]
+                    while block:
+                        written = os.pwrite(fd, block, offset)
+                        block = block[written:]
                         offset += written
-                    remaining -= len(block)
                 if self._sync_parts:
                     os.fdatasync(fd)
             finally:
@@ -794,6 +782,32 @@ def _make_signing_key(path: Path) -> bytes:
         with contextlib.suppress(OSError):
             temp.unlink()
     return key
+
+
+def _body_blocks(body: BinaryIO, length: int) -> Iterator[memoryview]:
+    """Exactly ``length`` bytes of ``body``, a block of up to 1 MiB at a time.
+
+    A body that can ``readinto`` fills one buffer again and again (no allocation per
+    block); each block is valid until the next is asked for.
+
+    Raises:
+        IncompleteBody: The body ended early.
+    """
+    buffer = memoryview(bytearray(min(length, RECEIVE_BLOCK_BYTES)))
+    readinto = getattr(body, "readinto", None)
+    remaining = length
+    while remaining:
+        want = min(remaining, RECEIVE_BLOCK_BYTES)
+        if readinto is not None:
+            got = readinto(buffer[:want]) or 0
+            block = buffer[:got]
+        else:
+            block = memoryview(body.read(want))
+            got = len(block)
+        if not got:
+            raise IncompleteBody(f"body ended {remaining} bytes short of {length}")
+        yield block
+        remaining -= got
 
 
 def _expiry(expires: str | None, signature: str | None) -> int:
