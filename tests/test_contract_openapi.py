@@ -27,8 +27,10 @@ are sent on every run.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import re
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,25 +110,41 @@ SETTINGS = settings(
 )
 
 
+# An explicit config, so no schemathesis.toml found on disk can switch a check off. The
+# stateful run sends valid data only: when a link fills a body field into a negative
+# case, schemathesis keeps calling the now valid request negative. The stateless run
+# covers invalid data.
+_CONFIG = {"seed": 20240601, "phases": {"stateful": {"generation": {"mode": "positive"}}}}
+
+
+def _served_schema(server: ReferenceServer) -> schemathesis.BaseSchema:
+    config = schemathesis.Config.from_dict(_CONFIG)
+    api = schemathesis.openapi.from_url(f"{server.base_url}/openapi.yaml", config=config)
+    api.config.update(base_url=server.base_url)
+    return api
+
+
+# The stateless run is parametrized at collection time, so its server runs for the
+# module's import onwards (stopped at exit); schemathesis' lazy fixture loading does
+# not work with every pytest 9 release.
+_served_data = tempfile.TemporaryDirectory(prefix="ctrlupload-contract-")
+_served = ReferenceServer(ServerConfig(port=0, data_dir=Path(_served_data.name), token=TOKEN))
+_served.start()
+atexit.register(_served_data.cleanup)
+atexit.register(_served.stop)
+served_api = _served_schema(_served)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ReferenceServer]:
-    # One server per test, so no test depends on what another one left behind.
+    # A server of its own for each fixture test, so none depends on another's leftovers.
     with ReferenceServer(ServerConfig(port=0, data_dir=tmp_path, token=TOKEN)) as running:
         yield running
 
 
 @pytest.fixture
 def api(server: ReferenceServer) -> schemathesis.BaseSchema:
-    # An explicit config, so no schemathesis.toml found on disk can switch a check off.
-    # The stateful run sends valid data only: when a link fills a body field into a
-    # negative case, schemathesis keeps calling the now valid request negative. The
-    # stateless run covers invalid data.
-    config = schemathesis.Config.from_dict(
-        {"seed": 20240601, "phases": {"stateful": {"generation": {"mode": "positive"}}}}
-    )
-    api = schemathesis.openapi.from_url(f"{server.base_url}/openapi.yaml", config=config)
-    api.config.update(base_url=server.base_url)
-    return api
+    return _served_schema(server)
 
 
 def _as_a_client_sends_it(case: schemathesis.Case) -> None:
@@ -167,10 +185,7 @@ def test_every_check_schemathesis_has_is_run() -> None:
     }
 
 
-lazy_api = schemathesis.pytest.from_fixture("api")
-
-
-@lazy_api.parametrize()
+@served_api.parametrize()
 @SETTINGS
 def test_reference_backend_conforms_to_its_served_document(case: schemathesis.Case) -> None:
     _as_a_client_sends_it(case)

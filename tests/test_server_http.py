@@ -306,3 +306,16 @@ def test_a_python_without_cheroot_gets_a_clear_message_from_serve(tmp_path: Path
     assert done.returncode == 1
     assert "pip install 'ctrlupload[server]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_program_that_never_stops_its_server_still_exits(tmp_path: Path) -> None:
+    script = (
+        "from ctrlupload.server import ReferenceServer, ServerConfig\n"
+        f"server = ReferenceServer(ServerConfig(port=0, data_dir={str(tmp_path)!r})).start()\n"
+        "import requests\n"
+        "assert requests.get(server.base_url + '/healthz', timeout=5).status_code == 200\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

@@ -45,6 +45,7 @@ try:
     from cheroot import makefile as cheroot_makefile
     from cheroot import server as cheroot_server
     from cheroot import wsgi as cheroot_wsgi
+    from cheroot.workers import threadpool as cheroot_threadpool
 except ImportError as exc:  # pragma: no cover - exercised in a venv without the extra
     raise ImportError(
         "the reference backend runs on cheroot: pip install 'ctrlupload[server]'"
@@ -64,6 +65,8 @@ _GatewayBase: Any = cheroot_wsgi.Gateway_10
 _ManagerBase: Any = cheroot_connections.ConnectionManager
 _ServerBase: Any = cheroot_wsgi.Server
 _ReaderBase: Any = cheroot_makefile.StreamReader
+_PoolBase: Any = cheroot_threadpool.ThreadPool
+_WorkerThread: Any = cheroot_threadpool.WorkerThread
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -365,6 +368,21 @@ class _ConnectionManager(_ManagerBase):  # type: ignore[misc]
 _EVENT_READ: Final = 1  # selectors.EVENT_READ
 
 
+class _DaemonPool(_PoolBase):  # type: ignore[misc]
+    """cheroot's thread pool with daemon workers, like the server thread itself.
+
+    A program that forgets :meth:`WSGIServer.stop` (a script, a notebook cell, a test
+    module) can still exit; ``serve`` always stops, so its requests in flight drain.
+    """
+
+    def _spawn_worker(self) -> Any:
+        worker = _WorkerThread(self.server)
+        worker.name = f"ctrlupload-worker {worker.name}"
+        worker.daemon = True
+        worker.start()
+        return worker
+
+
 class _Server(_ServerBase):  # type: ignore[misc]
     """cheroot's WSGI server, with :class:`ServerLimits` applied."""
 
@@ -381,6 +399,7 @@ class _Server(_ServerBase):  # type: ignore[misc]
             shutdown_timeout=limits.shutdown_timeout_s,
             server_name="ctrlupload-reference",
         )
+        self.requests = _DaemonPool(self, min=limits.threads, max=limits.threads)
         self.gateway = _Gateway
         self.limits = limits
         self.connection_cap = limits.connection_cap()
