@@ -539,8 +539,14 @@ class ReferenceBackend:
             raise _invalid_part(str(exc)) from None
         except UploadRejected as rejected:
             raise _HttpError(400, "bad_request", rejected.message) from None
+        return self._record_completion(request, digest, public_url, info)
+
+    def _record_completion(
+        self, request: MultipartCompleteRequest, digest: str, public_url: str, info: ObjectInfo
+    ) -> dict[str, Any]:
+        """Record the assembled object as the upload's completion; the answer to send."""
         self.db.complete_upload(
-            upload_id,
+            request.upload_id,
             etag=info.etag,
             digest=digest,
             size_bytes=info.size_bytes,
@@ -601,15 +607,7 @@ class ReferenceBackend:
         ):
             raise _no_such_upload(key, upload_id)
         logger.info("multipart upload %s of %s was assembled before; recording it", upload_id, key)
-        self.db.complete_upload(
-            upload_id,
-            etag=stored.etag,
-            digest=digest,
-            size_bytes=stored.size_bytes,
-            content_type=request.content_type,
-            public_url=public_url,
-        )
-        return {"public_url": public_url, "etag": stored.etag}
+        return self._record_completion(request, digest, public_url, stored)
 
     def _multipart_abort(self, request: MultipartAbortRequest) -> dict[str, Any]:
         key, upload_id = request.object_key, request.upload_id
