@@ -44,7 +44,9 @@ def _exchange(server: ReferenceServer, raw: bytes, *, half_close: bool = True) -
     with _connect(server) as conn:
         conn.sendall(raw)
         if half_close:
-            conn.shutdown(socket.SHUT_WR)
+            # The server may have answered and closed already (a refused head): fine.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
         return _read_all(conn)
 
 
@@ -142,8 +144,10 @@ def test_a_body_that_stalls_gets_an_answer_once_the_idle_timeout_passes(tmp_path
 
 def test_oversized_headers_are_refused(tmp_path: Path) -> None:
     with _server(tmp_path, max_header_bytes=4096) as server:
+        # Over the limit, but within one read of the server's 8 KiB buffer: the server
+        # leaves nothing unread, so its close cannot turn into a reset that eats the 413.
         answer = _exchange(
-            server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n"
+            server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n"
         )
         assert _status(answer) in (413, 431)
         assert _healthz_within(server, 5)
@@ -207,22 +211,41 @@ def test_at_the_connection_cap_the_idlest_connection_makes_room(tmp_path: Path) 
             for _ in range(cap * 2):
                 idle.append(_connect(server))
             assert _healthz_within(server, 1.0)
-            # The oldest idle ones were closed by the server to admit the newer ones.
-            closed = sum(1 for conn in idle if _was_closed_by_server(conn))
-            assert closed >= cap
+            # The oldest idle ones were closed by the server to admit the newer ones:
+            # at most `cap` stay open, and the ones closed are the first opened.
+            closed = _closed_by_server(idle, at_least=len(idle) - cap, within_s=5.0)
+            assert len(closed) >= len(idle) - cap
+            assert min(idle.index(conn) for conn in idle if conn not in closed) >= cap - 1
         finally:
             for conn in idle:
                 conn.close()
 
 
-def _was_closed_by_server(conn: socket.socket) -> bool:
-    readable, _, _ = _select_read(conn, 2.0)
-    if not readable:
-        return False
-    try:
-        return conn.recv(1) == b""
-    except ConnectionResetError:
-        return True
+def _closed_by_server(
+    conns: list[socket.socket], *, at_least: int, within_s: float
+) -> list[socket.socket]:
+    """The connections the server has closed, once ``at_least`` are (or time is up)."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + within_s
+    while len(closed) < at_least and (left := deadline - time.monotonic()) > 0:
+        waiting = [conn for conn in conns if conn not in closed]
+        readable, _, _ = _select_read_many(waiting, left)
+        for conn in readable:
+            try:
+                ended = conn.recv(1) == b""
+            except ConnectionResetError:
+                ended = True
+            if ended:
+                closed.append(conn)
+    return closed
+
+
+def _select_read_many(
+    conns: list[socket.socket], timeout_s: float
+) -> tuple[list[socket.socket], list, list]:  # type: ignore[type-arg]
+    import select
+
+    return select.select(conns, [], [], timeout_s)
 
 
 def test_serve_out_of_file_descriptors_still_admits_a_client_and_does_not_spin(

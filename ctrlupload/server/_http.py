@@ -83,29 +83,16 @@ class _SocketReader(_ReaderBase):  # type: ignore[misc]
     cheroot reads through ``_pyio`` (the pure-Python io module), whose BufferedReader
     allocates and joins a buffer per socket read: a 1 MiB body block cost about three
     times the CPU of reading it straight in, and the extra garbage raised the server's
-    peak memory. A read larger than the buffer takes what is buffered, then fills the
-    rest of one preallocated block from the socket. Small reads (request lines and
-    headers) stay cheroot's.
+    peak memory. ``readinto`` (and a read larger than the buffer) takes what is
+    buffered, then fills the rest of the caller's buffer from the socket. Small reads
+    (request lines and headers) stay cheroot's.
     """
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size <= self.buffer_size:
             return bytes(super().read(size))
-        with self._read_lock:
-            # _pyio's BufferedReader keeps what it read ahead in _read_buf[_read_pos:].
-            buffered = self._read_buf[self._read_pos : self._read_pos + size]
-            self._read_pos += len(buffered)
-            block = bytearray(size)
-            view = memoryview(block)
-            got = len(buffered)
-            view[:got] = buffered
-            while got < size:
-                received = self.raw.readinto(view[got:])
-                if not received:
-                    break
-                got += received
-        self.bytes_read += got
-        return block if got == size else block[:got]  # type: ignore[return-value]
+        block = bytearray(size)
+        return bytes(memoryview(block)[: self.readinto(block)])
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` (to its end, or the end of the stream): buffered bytes first."""
