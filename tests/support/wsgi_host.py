@@ -4,19 +4,18 @@ Used to run the conformance checker against backends that break the contract in 
 known way: a wrapper around the reference backend's app changes one thing (accepts any
 token, rewrites an answer, hides the multipart endpoints) and passes the rest through.
 
-Stdlib only (``wsgiref``), one thread per connection, HTTP/1.0 (a connection per
-request): enough for sequential test clients, not for load.
+The host is the reference backend's own server (``ctrlupload.server.WSGIServer``), so
+the broken backends speak HTTP exactly as the real one does.
 """
 
 from __future__ import annotations
 
 import json
-import socketserver
-import threading
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from ctrlupload.server import WSGIServer
 
 __all__ = [
     "AnswerRewrite",
@@ -33,15 +32,6 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 AnswerRewrite = Callable[[str, int, bytes], tuple[int, bytes] | None]
 
 
-class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 class WsgiHost:
     """``app`` on ``http://127.0.0.1:<free port>`` for the duration of a ``with`` block.
 
@@ -50,14 +40,11 @@ class WsgiHost:
     """
 
     def __init__(self, app: WsgiApp) -> None:
-        self._server = make_server(
-            "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
-        )
-        self.base_url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server = WSGIServer(app, "127.0.0.1", 0)
+        self.base_url = f"http://127.0.0.1:{self._server.port}"
 
     def __enter__(self) -> WsgiHost:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(
@@ -66,9 +53,7 @@ class WsgiHost:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._server.stop()
 
 
 def accept_any_token(app: WsgiApp, token: str) -> WsgiApp:
