@@ -32,12 +32,7 @@ from ctrlupload._conformance import (
     signed_header_names,
 )
 from ctrlupload.server import ApiPaths, ReferenceServer, ServerConfig
-from tests.support.moto_server import (
-    FAKE_ACCESS_KEY_ID,
-    FAKE_REGION,
-    FAKE_SECRET_ACCESS_KEY,
-    MotoS3Server,
-)
+from tests.support.moto_server import MotoS3Server, s3_reference_server
 from tests.support.wsgi_host import (
     WsgiApp,
     WsgiHost,
@@ -137,19 +132,8 @@ def test_reference_backend_with_local_store_passes_every_check_and_cleans_up(
 def s3_reference(
     moto_s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[ReferenceServer, str]]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_ACCESS_KEY)
-    bucket = moto_s3.make_bucket()
-    config = ServerConfig(
-        port=0,
-        data_dir=tmp_path,
-        store="s3",
-        s3_bucket=bucket,
-        s3_endpoint_url=moto_s3.endpoint_url,
-        s3_region=FAKE_REGION,
-    )
-    with ReferenceServer(config) as server:
-        yield server, bucket
+    with s3_reference_server(moto_s3, tmp_path, monkeypatch) as running:
+        yield running
 
 
 def test_reference_backend_with_s3_store_on_moto_conforms_when_refusals_are_skipped(

@@ -22,6 +22,7 @@ from tests.support.moto_server import (
     FAKE_REGION,
     FAKE_SECRET_ACCESS_KEY,
     MotoS3Server,
+    s3_reference_server,
 )
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
@@ -31,19 +32,7 @@ KEY = "videos/V-001/S-001/JOB-123/video.mp4"
 def s3_reference(
     moto_s3: MotoS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[ReferenceServer, BackendPresignedStorageProvider, str]]:
-    # The backend takes credentials from boto3's usual chain, here the environment.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_ACCESS_KEY)
-    bucket = moto_s3.make_bucket()
-    config = ServerConfig(
-        port=0,
-        data_dir=tmp_path,
-        store="s3",
-        s3_bucket=bucket,
-        s3_endpoint_url=moto_s3.endpoint_url,
-        s3_region=FAKE_REGION,
-    )
-    with ReferenceServer(config) as server:
+    with s3_reference_server(moto_s3, tmp_path, monkeypatch) as (server, bucket):
         settings = Settings.from_mapping(
             {
                 "STORAGE_PROVIDER": "backend_presigned",

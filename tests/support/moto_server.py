@@ -27,8 +27,11 @@ what the store asks S3 for, and how it reports S3's errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +39,13 @@ import boto3
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-__all__ = ["FAKE_ACCESS_KEY_ID", "FAKE_REGION", "FAKE_SECRET_ACCESS_KEY", "MotoS3Server"]
+__all__ = [
+    "FAKE_ACCESS_KEY_ID",
+    "FAKE_REGION",
+    "FAKE_SECRET_ACCESS_KEY",
+    "MotoS3Server",
+    "s3_reference_server",
+]
 
 FAKE_ACCESS_KEY_ID = "AKIAMOTOTESTING00000"
 FAKE_SECRET_ACCESS_KEY = "moto-testing-secret-not-a-credential"
@@ -130,3 +139,32 @@ class MotoS3Server:
             }
             self._client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
         return bucket
+
+
+@contextlib.contextmanager
+def s3_reference_server(
+    moto: MotoS3Server, data_dir: Path, monkeypatch: Any
+) -> Iterator[tuple[Any, str]]:
+    """The reference backend with its s3 store on a fresh bucket of ``moto``.
+
+    The backend takes credentials from boto3's usual chain: here the environment, set
+    through ``monkeypatch`` (pytest's) for the test's duration.
+
+    Yields:
+        The running ``ReferenceServer`` and the bucket's name.
+    """
+    from ctrlupload.server import ReferenceServer, ServerConfig
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_ACCESS_KEY)
+    bucket = moto.make_bucket()
+    config = ServerConfig(
+        port=0,
+        data_dir=data_dir,
+        store="s3",
+        s3_bucket=bucket,
+        s3_endpoint_url=moto.endpoint_url,
+        s3_region=FAKE_REGION,
+    )
+    with ReferenceServer(config) as server:
+        yield server, bucket
