@@ -16,9 +16,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from ._errors import StorageConfigError, StorageError
 from ._keys import render_asset_key
@@ -156,68 +156,19 @@ def _add_serve(commands: Any) -> None:
             flag, default=os.environ.get(env), help=f"s3 store (default: ${env}, if set)"
         )
     api = serve.add_argument_group("uploads")
-    api.add_argument(
-        "--url-expiry-s",
-        type=_positive_int,
-        default=defaults.expires_sec,
-        help="lifetime of presigned URLs",
-    )
-    api.add_argument(
-        "--max-put-bytes",
-        type=_positive_int,
-        default=defaults.max_content_length,
-        help="largest single PUT presign accepts (S3: 5 GiB)",
-    )
-    api.add_argument(
-        "--max-object-bytes",
-        type=_positive_int,
-        default=defaults.max_object_bytes,
-        help="largest multipart upload initiate accepts (S3: 5 TiB)",
-    )
-    api.add_argument(
-        "--min-part-bytes",
-        type=_positive_int,
-        default=defaults.min_part_bytes,
-        help="smallest part but the last (S3: 5 MiB)",
-    )
-    api.add_argument(
-        "--part-bytes",
-        type=_positive_int,
-        default=defaults.default_part_bytes,
-        help="part size answered when a client asks for none",
-    )
+    for flag, field, help_text in _UPLOAD_FLAGS:
+        api.add_argument(
+            flag,
+            dest=field,
+            metavar=flag[2:].upper().replace("-", "_"),
+            type=_positive_int,
+            default=getattr(defaults, field),
+            help=help_text,
+        )
     http = serve.add_argument_group("HTTP server limits")
-    http.add_argument(
-        "--threads", type=_positive_int, default=limits.threads, help="requests served at once"
-    )
-    http.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=limits.max_connections,
-        help="open connections at most (also bounded by ulimit -n); at the cap the idlest "
-        "one is closed",
-    )
-    http.add_argument(
-        "--backlog", type=_positive_int, default=limits.backlog, help="listen() backlog"
-    )
-    http.add_argument(
-        "--header-timeout-s",
-        type=_positive_float,
-        default=limits.header_timeout_s,
-        help="time from a request's first byte to the end of its headers",
-    )
-    http.add_argument(
-        "--idle-timeout-s",
-        type=_positive_float,
-        default=limits.idle_timeout_s,
-        help="silence allowed between requests or mid-body",
-    )
-    http.add_argument(
-        "--shutdown-timeout-s",
-        type=_non_negative_float,
-        default=limits.shutdown_timeout_s,
-        help="on SIGTERM or Ctrl-C, how long requests in flight may finish",
-    )
+    for field, kind, help_text in _LIMIT_FLAGS:
+        flag = "--" + field.replace("_", "-")
+        http.add_argument(flag, type=kind, default=getattr(limits, field), help=help_text)
     serve.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
@@ -282,6 +233,38 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+#: serve's upload flags: the flag, the ServerConfig field it sets, its help.
+_UPLOAD_FLAGS: Final = (
+    ("--url-expiry-s", "expires_sec", "lifetime of presigned URLs"),
+    ("--max-put-bytes", "max_content_length", "largest single PUT presign accepts (S3: 5 GiB)"),
+    (
+        "--max-object-bytes",
+        "max_object_bytes",
+        "largest multipart upload initiate accepts (S3: 5 TiB)",
+    ),
+    ("--min-part-bytes", "min_part_bytes", "smallest part but the last (S3: 5 MiB)"),
+    ("--part-bytes", "default_part_bytes", "part size answered when a client asks for none"),
+)
+#: serve's HTTP limit flags (``--`` + the field's name): the ServerLimits field, its
+#: type, its help.
+_LIMIT_FLAGS: Final[tuple[tuple[str, Callable[[str], object], str], ...]] = (
+    ("threads", _positive_int, "requests served at once"),
+    (
+        "max_connections",
+        _positive_int,
+        "open connections at most (also bounded by ulimit -n); at the cap the idlest one is closed",
+    ),
+    ("backlog", _positive_int, "listen() backlog"),
+    ("header_timeout_s", _positive_float, "time from a request's first byte to its last header"),
+    ("idle_timeout_s", _positive_float, "silence allowed between requests or mid-body"),
+    (
+        "shutdown_timeout_s",
+        _non_negative_float,
+        "on SIGTERM or Ctrl-C, how long requests in flight may finish",
+    ),
+)
+
+
 def _signing_secret(args: argparse.Namespace) -> bytes | None:
     """The secret from --signing-secret-file or $CTRLUPLOAD_SIGNING_SECRET; None: the store's."""
     secret_file: Path | None = args.signing_secret_file
@@ -322,25 +305,14 @@ def _serve_config(args: argparse.Namespace, token: str | None) -> ServerConfig:
         db_path=args.db_path,
         token=token,
         public_url=args.public_url,
-        max_content_length=args.max_put_bytes,
-        expires_sec=args.url_expiry_s,
         signing_secret=_signing_secret(args),
         s3_bucket=args.s3_bucket,
         s3_endpoint_url=args.s3_endpoint_url,
         s3_region=args.s3_region,
         s3_public_base_url=args.s3_public_base_url,
-        max_object_bytes=args.max_object_bytes,
-        min_part_bytes=args.min_part_bytes,
-        default_part_bytes=args.part_bytes,
         sync_parts=args.sync_parts,
-        limits=ServerLimits(
-            threads=args.threads,
-            max_connections=args.max_connections,
-            backlog=args.backlog,
-            header_timeout_s=args.header_timeout_s,
-            idle_timeout_s=args.idle_timeout_s,
-            shutdown_timeout_s=args.shutdown_timeout_s,
-        ),
+        limits=ServerLimits(**{field: getattr(args, field) for field, _, _ in _LIMIT_FLAGS}),
+        **{field: getattr(args, field) for _, field, _ in _UPLOAD_FLAGS},
     )
 
 
