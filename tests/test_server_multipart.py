@@ -12,7 +12,6 @@ are made by hand so each answer can be checked exactly.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ from ctrlupload.server import (
     WSGIServer,
 )
 from ctrlupload.server._store import ObjectStore, page_parts
+from tests.support.local_backend import md5_hex
 
 TOKEN = "multipart-token-0123456789"
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
@@ -45,10 +45,6 @@ TIMEOUT_S = 10
 PREFIX = "/internal/storage/multipart"
 #: A small minimum part size for local-store tests that need not move megabytes.
 SMALL_PART = 64 * 1024
-
-
-def md5_hex(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
 
 
 def s3_code(response: requests.Response) -> str:
