@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..protocol._objects import StoredPart
+
 __all__ = [
     "CompletedUpload",
     "MultipartUpload",
@@ -45,15 +47,6 @@ class MultipartUpload:
 
     upload_id: str
     part_size: int
-
-
-@dataclass(frozen=True)
-class StoredPart:
-    """A part storage holds already: number, ETag (quotes included) and size."""
-
-    part_number: int
-    etag: str
-    size_bytes: int
 
 
 @dataclass(frozen=True)

@@ -12,46 +12,35 @@ held, complete (assemble) and abort. The local store mimics S3's semantics, incl
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import BinaryIO, Final, Protocol
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
-#: S3's page size for ListParts, and the most the contract returns at once.
-MAX_LIST_PARTS: Final = 1000
+from ..protocol._objects import (
+    MAX_LIST_PARTS,
+    InvalidPart,
+    NoSuchUpload,
+    ObjectInfo,
+    PartsPage,
+    PresignedPut,
+    StoredPart,
+)
 
-
-@dataclass(frozen=True)
-class PresignedPut:
-    """Where and how to PUT one object. The URL and headers are credentials: no repr."""
-
-    upload_url: str = field(repr=False)
-    headers: dict[str, str] = field(repr=False)
-    expires_sec: int
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What the store holds for a key: its size and ETag (quotes included)."""
-
-    size_bytes: int
-    etag: str
-
-
-@dataclass(frozen=True)
-class StoredPart:
-    """A part a multipart upload holds: its number, ETag (quotes included) and size."""
-
-    part_number: int
-    etag: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class PartsPage:
-    """One page of ListParts: parts in ascending order, and where the next page starts."""
-
-    parts: tuple[StoredPart, ...]
-    is_truncated: bool
-    next_part_number_marker: int | None
+__all__ = [
+    "MAX_LIST_PARTS",
+    "IncompleteBody",
+    "InvalidPart",
+    "NoSuchUpload",
+    "NotServedHere",
+    "ObjectInfo",
+    "ObjectStore",
+    "PartGrant",
+    "PartsPage",
+    "PresignedPut",
+    "StoredPart",
+    "UploadGrant",
+    "UploadRejected",
+    "page_parts",
+]
 
 
 @dataclass(frozen=True)
@@ -96,14 +85,6 @@ class IncompleteBody(Exception):
 
 class NotServedHere(Exception):
     """This store does not serve uploads or downloads itself (they go to S3)."""
-
-
-class NoSuchUpload(Exception):
-    """The store holds no such multipart upload: never started, aborted or completed."""
-
-
-class InvalidPart(Exception):
-    """A part named in a completion is missing, differs, or is too small."""
 
 
 def page_parts(parts: Iterable[StoredPart], part_number_marker: int, max_parts: int) -> PartsPage:
