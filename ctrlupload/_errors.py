@@ -14,7 +14,14 @@
         ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
         ├── UploadCancelled       a part stopped because another part, or presigning
         │                         its URL, failed                       (phase "upload")
-        └── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
+        ├── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
+        └── S3Error               S3 refused or failed a call of the s3/minio providers
+            │                     (any phase: botocore's calls and the presigned PUTs)
+            ├── S3CredentialsError          no credentials, or S3 does not accept them
+            ├── S3BucketNotFoundError       the bucket does not exist
+            ├── S3AccessDeniedError         the credentials may not do this
+            ├── S3EndpointUnreachableError  no connection to the endpoint
+            └── S3WrongRegionError          the bucket is in another region
 
 ``str(StorageUploadError)`` is ``Storage upload failed for '<key>': <reason>``, the text
 existing deployments match on. Messages never hold the service token or a presigned
@@ -28,6 +35,12 @@ __all__ = [
     "BackendError",
     "IntegrityError",
     "InvalidKeyError",
+    "S3AccessDeniedError",
+    "S3BucketNotFoundError",
+    "S3CredentialsError",
+    "S3EndpointUnreachableError",
+    "S3Error",
+    "S3WrongRegionError",
     "SourceFileError",
     "StorageConfigError",
     "StorageError",
@@ -149,6 +162,89 @@ class UploadCancelled(StorageUploadError):
     default_phase = "upload"
 
 
+class S3Error(StorageUploadError):
+    """A call to S3 by the ``s3``/``minio`` providers failed.
+
+    Raised for botocore's calls (multipart bookkeeping, delete) and for a presigned PUT
+    that S3 refused in one of the ways the subclasses name. The message names the
+    operation and bucket and ends with what to check; it never holds credentials or a
+    presigned URL's query string.
+
+    Attributes:
+        error_code: S3's error code (``"NoSuchBucket"``...), or None.
+        bucket_region: The region S3 says the bucket is in, when it said one.
+    """
+
+    default_phase = "upload"
+
+    def __init__(
+        self,
+        key: str,
+        reason: str,
+        *,
+        phase: str | None = None,
+        status_code: int | None = None,
+        error_code: str | None = None,
+        bucket_region: str | None = None,
+    ) -> None:
+        super().__init__(key, reason, phase=phase, status_code=status_code)
+        self.error_code = error_code
+        self.bucket_region = bucket_region
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_s3_error,
+            (
+                type(self),
+                self.key,
+                self.reason,
+                self.phase,
+                self.status_code,
+                self.error_code,
+                self.bucket_region,
+            ),
+        )
+
+
+def _rebuild_s3_error(
+    cls: type[S3Error],
+    key: str,
+    reason: str,
+    phase: str,
+    status_code: int | None,
+    error_code: str | None,
+    bucket_region: str | None,
+) -> S3Error:
+    return cls(
+        key,
+        reason,
+        phase=phase,
+        status_code=status_code,
+        error_code=error_code,
+        bucket_region=bucket_region,
+    )
+
+
+class S3CredentialsError(S3Error):
+    """No AWS credentials were found, or S3 does not accept them."""
+
+
+class S3BucketNotFoundError(S3Error):
+    """The bucket (``STORAGE_S3_BUCKET``) does not exist."""
+
+
+class S3AccessDeniedError(S3Error):
+    """The credentials are valid but may not do this (IAM or bucket policy)."""
+
+
+class S3EndpointUnreachableError(S3Error):
+    """No connection could be made to the S3 endpoint."""
+
+
+class S3WrongRegionError(S3Error):
+    """The bucket is in another region than requests are signed for."""
+
+
 class TransportFailure(Exception):
     """A redacted stand-in for a requests or urllib3 exception, chained as the cause.
 
@@ -157,11 +253,13 @@ class TransportFailure(Exception):
 
     Attributes:
         original_type: Qualified name of the exception this stands in for.
+        root_type: Class name of the innermost cause, e.g. ``NewConnectionError``.
     """
 
-    def __init__(self, message: str, original_type: str) -> None:
+    def __init__(self, message: str, original_type: str, root_type: str = "") -> None:
         super().__init__(message)
         self.original_type = original_type
+        self.root_type = root_type
 
     def __str__(self) -> str:
         return f"{self.original_type}: {self.args[0]}"

@@ -300,6 +300,11 @@ class S3Bucket:
         return self._bucket
 
     @property
+    def endpoint_url(self) -> str:
+        """The endpoint botocore sends to, e.g. ``https://s3.eu-west-1.amazonaws.com``."""
+        return str(self._client.meta.endpoint_url).rstrip("/")
+
+    @property
     def region(self) -> str | None:
         """The region requests are signed for."""
         region = getattr(self._client.meta, "region_name", None)
@@ -455,19 +460,27 @@ class S3Bucket:
         return upload_id
 
     def presign_part(
-        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        content_length: int | None,
+        expires_sec: int,
     ) -> PresignedPut:
-        """Presign one UploadPart bound to its exact length (no network call).
+        """Presign one UploadPart, bound to its exact length if given (no network call).
 
         Args:
             key: The object key.
             upload_id: The upload the part belongs to.
             part_number: 1 to 10,000.
-            content_length: The exact body length in bytes the PUT must carry.
+            content_length: The exact body length in bytes the PUT must carry, or None
+                to leave the length unsigned (a signer that is itself the uploader has
+                no one to bind).
             expires_sec: How long the URL stays valid, 1 to 604800 seconds.
 
         Returns:
-            The URL and the one signed header the PUT must send, ``Content-Length``.
+            The URL and the signed header the PUT must send, ``Content-Length`` (none
+            when the length is unsigned).
 
         Raises:
             ValueError: An argument is out of S3's range.
@@ -475,19 +488,17 @@ class S3Bucket:
         """
         if not 1 <= part_number <= MAX_PARTS:
             raise ValueError(f"part_number must be between 1 and {MAX_PARTS}, got {part_number}")
-        if not 0 <= content_length <= MAX_PART_BYTES:
-            raise ValueError(
-                f"content_length must be between 0 and {MAX_PART_BYTES} bytes (S3's limit "
-                f"for one part), got {content_length}"
-            )
-        return self._presign(
-            "upload_part",
-            "PresignUploadPart",
-            key,
-            {"UploadId": upload_id, "PartNumber": part_number, "ContentLength": content_length},
-            {"Content-Length": str(content_length)},
-            expires_sec,
-        )
+        params: dict[str, Any] = {"UploadId": upload_id, "PartNumber": part_number}
+        headers: dict[str, str] = {}
+        if content_length is not None:
+            if not 0 <= content_length <= MAX_PART_BYTES:
+                raise ValueError(
+                    f"content_length must be between 0 and {MAX_PART_BYTES} bytes (S3's "
+                    f"limit for one part), got {content_length}"
+                )
+            params["ContentLength"] = content_length
+            headers["Content-Length"] = str(content_length)
+        return self._presign("upload_part", "PresignUploadPart", key, params, headers, expires_sec)
 
     def list_parts(
         self,
@@ -538,7 +549,12 @@ class S3Bucket:
         return PartsPage(parts, truncated, int(marker) if truncated and marker else None)
 
     def complete_multipart(
-        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[StoredPart],
+        *,
+        expected_size: int | None = None,
     ) -> ObjectInfo:
         """Complete the upload (CompleteMultipartUpload), then check what S3 stored.
 
@@ -551,6 +567,7 @@ class S3Bucket:
             key: The object key.
             upload_id: The upload.
             parts: The parts in ascending order, with their ETags and sizes.
+            expected_size: The object's size, if the parts' sizes are not known.
 
         Returns:
             The object's size and S3's ETag for it (``"<md5 of part md5s>-N"``).
@@ -575,7 +592,7 @@ class S3Bucket:
                 raise InvalidPart(f"S3 refused the part list: {reason}") from exc
             raise self._error("CompleteMultipartUpload", key, exc) from exc
         etag = response.get("ETag")
-        expected = sum(part.size_bytes for part in parts)
+        expected = _total(parts, expected_size)
         if not isinstance(etag, str) or not etag:
             return self._confirm_without_etag(key, parts, expected)
         stored = self.head(key)
@@ -590,7 +607,9 @@ class S3Bucket:
             )
         return ObjectInfo(size_bytes=expected, etag=etag)
 
-    def confirm_assembled(self, key: str, parts: Sequence[StoredPart]) -> ObjectInfo | None:
+    def confirm_assembled(
+        self, key: str, parts: Sequence[StoredPart], *, expected_size: int | None = None
+    ) -> ObjectInfo | None:
         """The object, if HEAD shows exactly these parts assembled; None otherwise.
 
         Assembled means the parts' total size and the multipart ETag their ETags add up
@@ -604,7 +623,7 @@ class S3Bucket:
         if not all(_MD5_HEX.fullmatch(digest) for digest in digests):
             return None
         assembled = multipart_etag([digest.lower() for digest in digests])
-        expected = sum(part.size_bytes for part in parts)
+        expected = _total(parts, expected_size)
         stored = self.head(key)
         if (
             stored is not None
@@ -632,7 +651,7 @@ class S3Bucket:
                 bucket=self._bucket,
                 key=key,
             )
-        confirmed = self.confirm_assembled(key, parts)
+        confirmed = self.confirm_assembled(key, parts, expected_size=expected)
         if confirmed is not None:
             return confirmed
         assembled = multipart_etag([digest.lower() for digest in digests])
@@ -824,6 +843,10 @@ def failure_kind(
         if status == HTTPStatus.BAD_REQUEST and region is not None:
             return "wrong-region"
     return None
+
+
+def _total(parts: Sequence[StoredPart], expected_size: int | None) -> int:
+    return sum(part.size_bytes for part in parts) if expected_size is None else expected_size
 
 
 def _is_http_url(url: str) -> bool:

@@ -7,6 +7,7 @@ into ``os.environ``, and the real environment wins over the file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -38,6 +39,7 @@ DEFAULT_MAX_UPLOAD_BYTES: Final = 104_857_600
 DEFAULT_SEND_BLOCK_BYTES: Final = 1 * MIB
 DEFAULT_RETRY_ATTEMPTS: Final = 5
 DEFAULT_MAX_CONNECTIONS: Final = 32
+_BUCKET_NAME: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class StorageProvider(StrEnum):
@@ -118,6 +120,28 @@ class Settings(BaseModel):
         None,
         alias="STORAGE_PUBLIC_BASE_URL",
         description="get_url(key) returns this + '/' + key when set.",
+    )
+    storage_s3_bucket: str | None = Field(
+        None,
+        alias="STORAGE_S3_BUCKET",
+        description="The bucket of the s3 and minio providers.",
+    )
+    storage_s3_region: str | None = Field(
+        None,
+        alias="STORAGE_S3_REGION",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,39}$",
+        description=(
+            "Signing region of the s3 and minio providers; unset, boto3's chain decides "
+            "(AWS_REGION, the profile), and minio uses us-east-1."
+        ),
+    )
+    storage_s3_endpoint_url: str | None = Field(
+        None,
+        alias="STORAGE_S3_ENDPOINT_URL",
+        description=(
+            "An S3-compatible endpoint (required for minio); unset, AWS. A custom "
+            "endpoint gets path-style addressing."
+        ),
     )
     storage_local_root: Path = Field(
         Path("storage"),
@@ -204,7 +228,7 @@ class Settings(BaseModel):
         description="Check a plain-MD5 ETag against the MD5 of the bytes sent.",
     )
 
-    @field_validator("backend_base_url", "storage_public_base_url")
+    @field_validator("backend_base_url", "storage_public_base_url", "storage_s3_endpoint_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
@@ -230,6 +254,21 @@ class Settings(BaseModel):
     def _api_path(cls, value: str) -> str:
         if not value.startswith("/") or "?" in value or "#" in value:
             raise ValueError("must be a path starting with '/'")
+        return value
+
+    @field_validator("storage_s3_bucket", "storage_s3_region", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("storage_s3_bucket")
+    @classmethod
+    def _bucket(cls, value: str | None) -> str | None:
+        if value is not None and not _BUCKET_NAME.fullmatch(value):
+            raise ValueError(
+                "must be an S3 bucket name: 3 to 63 lower-case letters, digits, dots and "
+                "hyphens, starting and ending with a letter or digit"
+            )
         return value
 
     @field_validator("backend_service_token")

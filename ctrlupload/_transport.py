@@ -570,7 +570,9 @@ class Transport:
             http.client.HTTPException,
             OSError,
         ) as exc:
-            failure = TransportFailure(_describe(exc, call), _qualified_name(exc))
+            failure = TransportFailure(
+                _describe(exc, call), _qualified_name(exc), type(_root_cause(exc)).__name__
+            )
         finally:
             _CURRENT_CALL.reset(token)
         # Raised outside the except block so the original exception, whose text holds

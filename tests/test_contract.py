@@ -445,12 +445,20 @@ def test_backend_provider_needs_url_and_token(missing: str) -> None:
     assert caught.value.variable == missing
 
 
-@pytest.mark.parametrize("name", ["s3", "minio"])
-def test_s3_and_minio_say_they_are_not_there_yet(name: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "variable"),
+    [
+        ({"STORAGE_PROVIDER": "s3"}, "STORAGE_S3_BUCKET"),
+        ({"STORAGE_PROVIDER": "minio"}, "STORAGE_S3_BUCKET"),
+        ({"STORAGE_PROVIDER": "minio", "STORAGE_S3_BUCKET": "renders"}, "STORAGE_S3_ENDPOINT_URL"),
+    ],
+)
+def test_s3_and_minio_name_the_setting_they_lack(values: dict[str, str], variable: str) -> None:
     from ctrlupload import Settings
 
-    with pytest.raises(StorageConfigError, match=f"STORAGE_PROVIDER={name} is not implemented"):
-        get_storage_provider(Settings.from_mapping({"STORAGE_PROVIDER": name}))
+    with pytest.raises(StorageConfigError, match=variable) as caught:
+        get_storage_provider(Settings.from_mapping(values))
+    assert caught.value.variable == variable
 
 
 def test_get_storage_provider_reads_the_environment(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

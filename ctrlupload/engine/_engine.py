@@ -29,6 +29,7 @@ from typing import Final
 from .._errors import (
     BackendError,
     StorageTransferError,
+    StorageUploadError,
     TransportFailure,
     UploadTooLargeError,
 )
@@ -66,13 +67,22 @@ from ._streams import (
     SourceReader,
 )
 
-__all__ = ["StorageResult", "UploadEngine", "check_size_limit", "megabytes"]
+__all__ = [
+    "PutFailureExplainer",
+    "StorageResult",
+    "UploadEngine",
+    "check_size_limit",
+    "megabytes",
+]
 
 logger = logging.getLogger("ctrlupload")
 
 # Storage never sees these request headers from us, whatever a signer returns.
 _HOP_HEADERS: Final = frozenset({"content-length", "transfer-encoding", "host", "connection"})
 _READ_BLOCK_BYTES: Final = 1024 * 1024
+
+#: ``(error, answer)`` of a failed PUT to a more precise error, or None to keep it.
+PutFailureExplainer = Callable[[StorageTransferError, HttpResult | None], StorageUploadError | None]
 
 
 @dataclass(frozen=True)
@@ -119,12 +129,24 @@ class UploadEngine:
         signer: Who presigns and keeps the books.
         transport: Sends the bodies.
         settings: Size limit, multipart, resume and checksum settings.
+        explain_put_failure: Given a failed PUT's error and storage's answer (None when
+            there was none), a more precise error to raise instead, or None. A provider
+            that knows its store (``s3``/``minio``) names a missing bucket or bad
+            credentials this way.
     """
 
-    def __init__(self, signer: Signer, transport: Transport, settings: Settings) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        transport: Transport,
+        settings: Settings,
+        *,
+        explain_put_failure: PutFailureExplainer | None = None,
+    ) -> None:
         self.signer = signer
         self.settings = settings
         self._transport = transport
+        self._explain = explain_put_failure
         self._no_multipart = False
         self._no_multipart_lock = threading.Lock()
 
@@ -220,6 +242,7 @@ class UploadEngine:
             else None
         )
         window = make_window(hasher)
+        result: HttpResult | None = None
         try:
             signed = sign()
             result = self._put(window, key, signed, what)
@@ -228,11 +251,17 @@ class UploadEngine:
             ):
                 logger.info("presigned URL for %s expired; asking for a fresh one", key)
                 signed = sign()
+                result = None
                 result = self._put(window, key, signed, what)
             digest = hasher.hexdigest() if hasher is not None and window.hash_complete else None
             return process_put_answer(
                 key, what, result.status_code, result.headers, result.body, result.attempts, digest
             )
+        except StorageTransferError as error:
+            better = None if self._explain is None else self._explain(error, result)
+            if better is None:
+                raise
+            raise better from error
         finally:
             if hasher is not None:
                 hasher.close()

@@ -19,6 +19,10 @@ from urllib.parse import parse_qsl, urlsplit
 from .._errors import (
     BackendError,
     IntegrityError,
+    S3AccessDeniedError,
+    S3BucketNotFoundError,
+    S3CredentialsError,
+    S3Error,
     SourceFileError,
     StorageTransferError,
     UploadTooLargeError,
@@ -275,7 +279,9 @@ def is_resumable(exc: BaseException) -> bool:
     """
     if isinstance(exc, (IntegrityError, SourceFileError, UploadTooLargeError)):
         return False
-    if isinstance(exc, (StorageTransferError, BackendError)):
+    if isinstance(exc, (S3CredentialsError, S3BucketNotFoundError, S3AccessDeniedError)):
+        return False  # configuration, whatever the status said
+    if isinstance(exc, (StorageTransferError, BackendError, S3Error)):
         status = exc.status_code
         return status is None or status >= 500 or status == 429
     return False

@@ -1,0 +1,398 @@
+"""The ``s3`` and ``minio`` providers: the upload engine with a signer that holds credentials.
+
+:class:`S3Signer` is a :class:`~ctrlupload.engine.Signer` that presigns in-process with
+boto3 (SigV4) and keeps the books with S3's own multipart calls, through
+:class:`ctrlupload._s3.S3Bucket`, the S3 code the reference backend's ``s3`` store uses
+too. The bytes go through the same engine and transport as ``backend_presigned``:
+retries, deadlines, progress, the MD5 check, multipart and resume are the same code.
+
+Retries have one owner per request: the transport retries the presigned PUTs; botocore
+(``standard`` mode, ``STORAGE_RETRY_ATTEMPTS`` attempts) retries the calls it sends
+itself, which nothing else retries. Credentials come from boto3's chain and are never
+read, logged or shown here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from .._errors import (
+    S3AccessDeniedError,
+    S3BucketNotFoundError,
+    S3CredentialsError,
+    S3EndpointUnreachableError,
+    S3Error,
+    S3WrongRegionError,
+    StorageConfigError,
+    StorageTransferError,
+    StorageUploadError,
+    TransportFailure,
+)
+from .._keys import validate_key
+from .._s3 import FailureKind, ObjectStoreError, S3Bucket, failure_kind, region_in
+from .._settings import Settings, StorageProvider
+from .._transport import HttpResult
+from ..engine._engine import StorageResult, UploadEngine
+from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
+from ..engine._streams import ProgressCallback, SourceReader
+from ..protocol import s3_error_fields
+from ..protocol._objects import InvalidPart, NoSuchUpload, StoredPart
+from ._backend import transport_for
+from ._base import ProviderBase
+
+__all__ = ["S3Signer", "S3StorageProvider"]
+
+#: How long presigned URLs live. The engine signs afresh when one expires mid-upload.
+URL_EXPIRY_S: Final = 3600
+#: MinIO's region unless configured otherwise (and what it expects by default).
+MINIO_DEFAULT_REGION: Final = "us-east-1"
+
+_ERROR_CLASSES: Final[Mapping[FailureKind, type[S3Error]]] = {
+    "credentials": S3CredentialsError,
+    "no-bucket": S3BucketNotFoundError,
+    "access-denied": S3AccessDeniedError,
+    "unreachable": S3EndpointUnreachableError,
+    "wrong-region": S3WrongRegionError,
+}
+_LABELS: Final = {
+    "presign": "Presign failed",
+    "delete": "Delete failed",
+    "initiate": "Multipart initiate failed",
+    "presign-parts": "Part presign failed",
+    "list-parts": "List parts failed",
+    "complete-multipart": "Multipart complete failed",
+    "abort": "Multipart abort failed",
+}
+
+
+class S3Signer:
+    """A :class:`~ctrlupload.engine.Signer` that signs with S3 credentials in-process.
+
+    Args:
+        bucket: The bucket, with its boto3 client.
+        endpoint: What to call the endpoint in messages (its scheme and host).
+    """
+
+    def __init__(self, bucket: S3Bucket, endpoint: str) -> None:
+        self._bucket = bucket
+        self._endpoint = endpoint
+
+    def __repr__(self) -> str:
+        return f"S3Signer(bucket={self._bucket.bucket!r}, endpoint={self._endpoint!r})"
+
+    def close(self) -> None:
+        """Close the boto3 client's connection pool."""
+        self._bucket.close()
+
+    def public_url(self, key: str) -> str:
+        """Where the object is served: ``STORAGE_PUBLIC_BASE_URL`` or its S3 URL."""
+        return self._bucket.public_url(key)
+
+    # -- whole objects -------------------------------------------------------------------
+
+    def presign_put(self, key: str, content_type: str, size_bytes: int) -> SignedPut:
+        expires_at = time.time() + URL_EXPIRY_S
+        try:
+            signed = self._bucket.presign_put(key, content_type, size_bytes, URL_EXPIRY_S)
+        except ObjectStoreError as error:
+            raise self.error(key, "presign", error) from None
+        except ValueError as exc:
+            raise S3Error(key, f"{_LABELS['presign']}: {exc}", phase="presign") from None
+        return SignedPut(signed.upload_url, signed.headers, expires_at, self.public_url(key))
+
+    def complete(
+        self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
+    ) -> None:
+        """Nothing to record: S3's answer to the PUT (checked by the engine) is the record."""
+
+    def delete(self, key: str) -> None:
+        try:
+            self._bucket.delete(key)
+        except ObjectStoreError as error:
+            raise self.error(key, "delete", error) from None
+
+    # -- multipart -----------------------------------------------------------------------
+
+    def initiate(
+        self, key: str, content_type: str, size_bytes: int, part_size: int
+    ) -> MultipartUpload:
+        """CreateMultipartUpload; S3 takes any part size the engine prefers.
+
+        botocore retries the call; an attempt whose answer was lost leaves an upload
+        that is never completed (a bucket lifecycle rule for incomplete multipart
+        uploads removes it).
+        """
+        try:
+            upload_id = self._bucket.create_multipart(key, content_type)
+        except ObjectStoreError as error:
+            raise self.error(key, "initiate", error) from None
+        return MultipartUpload(upload_id, part_size)
+
+    def presign_parts(
+        self, key: str, upload_id: str, part_numbers: Sequence[int]
+    ) -> Mapping[int, SignedPut]:
+        """Part URLs, with their lengths unsigned: this signer is the uploader itself."""
+        expires_at = time.time() + URL_EXPIRY_S
+        signed: dict[int, SignedPut] = {}
+        for number in part_numbers:
+            try:
+                part = self._bucket.presign_part(key, upload_id, number, None, URL_EXPIRY_S)
+            except ObjectStoreError as error:
+                raise self.error(key, "presign-parts", error) from None
+            except ValueError as exc:
+                raise S3Error(
+                    key, f"{_LABELS['presign-parts']}: {exc}", phase="presign-parts"
+                ) from None
+            signed[number] = SignedPut(part.upload_url, part.headers, expires_at)
+        return signed
+
+    def list_parts(self, key: str, upload_id: str) -> list[StoredPart] | None:
+        listed: list[StoredPart] = []
+        marker = 0
+        while True:
+            try:
+                page = self._bucket.list_parts(key, upload_id, part_number_marker=marker)
+            except NoSuchUpload:
+                return None
+            except ObjectStoreError as error:
+                raise self.error(key, "list-parts", error) from None
+            listed.extend(page.parts)
+            following = page.next_part_number_marker
+            if not page.is_truncated:
+                return listed
+            if following is None or following <= marker:
+                raise S3Error(
+                    key,
+                    f"{_LABELS['list-parts']}: S3's page marker did not advance",
+                    phase="list-parts",
+                )
+            marker = following
+
+    def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        size_bytes: int,
+        content_type: str,
+    ) -> CompletedUpload:
+        """CompleteMultipartUpload, checked by HEAD (see :meth:`S3Bucket.complete_multipart`).
+
+        If S3 no longer knows the upload, a retry of this call may have followed an
+        attempt that did complete it: a HEAD showing exactly these parts assembled
+        counts as done.
+        """
+        stored = [StoredPart(number, etag, 0) for number, etag in parts]
+        phase = "complete-multipart"
+        try:
+            info = self._bucket.complete_multipart(key, upload_id, stored, expected_size=size_bytes)
+        except NoSuchUpload:
+            try:
+                confirmed = self._bucket.confirm_assembled(key, stored, expected_size=size_bytes)
+            except ObjectStoreError as error:
+                raise self.error(key, phase, error) from None
+            if confirmed is None:
+                raise S3Error(
+                    key,
+                    f"{_LABELS[phase]}: S3 has no upload {upload_id} any more, and the object "
+                    "is not these parts assembled",
+                    phase=phase,
+                    status_code=404,
+                    error_code="NoSuchUpload",
+                ) from None
+            info = confirmed
+        except InvalidPart as exc:
+            raise S3Error(key, f"{_LABELS[phase]}: {exc}", phase=phase, status_code=400) from None
+        except ObjectStoreError as error:
+            raise self.error(key, phase, error) from None
+        return CompletedUpload(self.public_url(key), info.etag)
+
+    def abort(self, key: str, upload_id: str) -> None:
+        try:
+            self._bucket.abort_multipart(key, upload_id)
+        except ObjectStoreError as error:
+            raise self.error(key, "abort", error) from None
+
+    # -- errors --------------------------------------------------------------------------
+
+    def error(self, key: str, phase: str, error: ObjectStoreError) -> S3Error:
+        """The :class:`S3Error` subclass for a failed boto3 call, with what to check."""
+        text = f"{_LABELS[phase]}: {str(error).rstrip('.')}"
+        return self._typed(
+            key, phase, text, error.kind, error.status_code, error.error_code, error.bucket_region
+        )
+
+    def explain_put_failure(
+        self, error: StorageTransferError, answer: HttpResult | None
+    ) -> StorageUploadError | None:
+        """A typed error for a presigned PUT that S3 refused, or that found no endpoint."""
+        if answer is None:
+            cause = error.__cause__
+            root = cause.root_type if isinstance(cause, TransportFailure) else None
+            kind = failure_kind(status=None, code=None, exception_name=root)
+            return self._typed(error.key, error.phase, error.reason, kind, None, None, None)
+        code, message = s3_error_fields(answer.body)
+        region = region_in(answer.headers.get("x-amz-bucket-region"), _region_in(answer.body))
+        region = region or region_in(message)
+        kind = failure_kind(
+            status=answer.status_code, code=code or None, message=message, region=region
+        )
+        return self._typed(
+            error.key, error.phase, error.reason, kind, answer.status_code, code or None, region
+        )
+
+    def _typed(
+        self,
+        key: str,
+        phase: str,
+        text: str,
+        kind: FailureKind | None,
+        status: int | None,
+        code: str | None,
+        region: str | None,
+    ) -> S3Error:
+        if kind is None:
+            return S3Error(key, text, phase=phase, status_code=status, error_code=code)
+        cls = _ERROR_CLASSES[kind]
+        return cls(
+            key,
+            f"{text.rstrip('.')}. {self._hint(kind, region)}",
+            phase=phase,
+            status_code=status,
+            error_code=code,
+            bucket_region=region,
+        )
+
+    def _hint(self, kind: FailureKind, region: str | None) -> str:
+        bucket = self._bucket.bucket
+        if kind == "credentials":
+            return (
+                "Check the AWS credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE"
+            )
+        if kind == "no-bucket":
+            return f"Bucket '{bucket}' does not exist: check STORAGE_S3_BUCKET"
+        if kind == "access-denied":
+            return (
+                f"The credentials may not do this in bucket '{bucket}': check their IAM "
+                "policy and the bucket policy"
+            )
+        if kind == "unreachable":
+            return (
+                f"No connection to {self._endpoint}: check STORAGE_S3_ENDPOINT_URL and the network"
+            )
+        ours = self._bucket.region or "the default region"
+        if region is not None and region != ours:
+            return (
+                f"Bucket '{bucket}' is in {region}, but requests are signed for {ours}: set "
+                f"STORAGE_S3_REGION={region}"
+            )
+        return f"Bucket '{bucket}' is in another region than {ours}: set STORAGE_S3_REGION"
+
+
+def _region_in(body: bytes) -> str | None:
+    start, end = body.find(b"<Region>"), body.find(b"</Region>")
+    if start < 0 or end < start:
+        return None
+    return body[start + len(b"<Region>") : end].decode("ascii", "replace").strip() or None
+
+
+class S3StorageProvider(ProviderBase):
+    """Uploads straight to an S3 bucket with credentials this process holds.
+
+    ``STORAGE_PROVIDER=s3`` is AWS (or any endpoint ``STORAGE_S3_ENDPOINT_URL`` names);
+    ``minio`` is the same with a required endpoint and path-style addressing. Needs the
+    ``ctrlupload[s3]`` extra (boto3). The upload path is the engine's, as for
+    ``backend_presigned``; only the signer differs.
+
+    Args:
+        settings: Needs ``STORAGE_S3_BUCKET``; ``STORAGE_S3_REGION``,
+            ``STORAGE_S3_ENDPOINT_URL`` and ``STORAGE_PUBLIC_BASE_URL`` are optional
+            (the endpoint is required for minio).
+
+    Raises:
+        StorageConfigError: A required setting is missing, or boto3 is not installed.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__(settings or Settings.from_env())
+        s = self.settings
+        provider = s.storage_provider
+        name = provider.value if provider in (StorageProvider.S3, StorageProvider.MINIO) else "s3"
+        if not s.storage_s3_bucket:
+            raise StorageConfigError(
+                f"STORAGE_S3_BUCKET must be set for STORAGE_PROVIDER={name}",
+                variable="STORAGE_S3_BUCKET",
+            )
+        region = s.storage_s3_region
+        if provider is StorageProvider.MINIO:
+            if not s.storage_s3_endpoint_url:
+                raise StorageConfigError(
+                    "STORAGE_S3_ENDPOINT_URL must be set for STORAGE_PROVIDER=minio "
+                    "(e.g. http://127.0.0.1:9000)",
+                    variable="STORAGE_S3_ENDPOINT_URL",
+                )
+            region = region or MINIO_DEFAULT_REGION
+        bucket = S3Bucket(
+            s.storage_s3_bucket,
+            endpoint_url=s.storage_s3_endpoint_url,
+            region=region,
+            public_base_url=s.storage_public_base_url,
+            max_attempts=s.storage_retry_attempts,
+            connect_timeout_s=s.storage_connect_timeout_s,
+            read_timeout_s=s.storage_read_timeout_s,
+            max_pool_connections=s.storage_max_connections,
+            who=f"STORAGE_PROVIDER={name}",
+        )
+        endpoint = bucket.endpoint_url
+        self._transport = transport_for(s)
+        self.signer = S3Signer(bucket, endpoint)
+        self.engine = UploadEngine(
+            self.signer,
+            self._transport,
+            s,
+            explain_put_failure=self.signer.explain_put_failure,
+        )
+        self._description = (
+            f"bucket={bucket.bucket!r}, endpoint={endpoint!r}, region={bucket.region!r}"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._description})"
+
+    def close(self) -> None:
+        """Close pooled connections; the provider cannot be used afterwards."""
+        super().close()
+        self.signer.close()
+        self._transport.close()
+
+    def get_url(self, key: str) -> str:
+        """``STORAGE_PUBLIC_BASE_URL/key`` when set, else the object's S3 URL (no call).
+
+        Raises:
+            InvalidKeyError: The key breaks a key rule.
+        """
+        validate_key(key)
+        return self.signer.public_url(key)
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` (DeleteObject); a missing key is not an error.
+
+        Raises:
+            S3Error: The call failed (phase ``delete``), as the subclass that says why.
+        """
+        self._check_open()
+        validate_key(key)
+        self.signer.delete(key)
+
+    def _store(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        progress: ProgressCallback | None,
+        resume_path: str | None = None,
+    ) -> StorageResult:
+        return self.engine.upload(source, key, content_type, progress, resume_path)
