@@ -28,7 +28,10 @@ what the store asks S3 for, and how it reports S3's errors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +39,7 @@ from types import TracebackType
 from typing import Any
 
 import boto3
+import requests
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
@@ -43,7 +47,9 @@ __all__ = [
     "FAKE_ACCESS_KEY_ID",
     "FAKE_REGION",
     "FAKE_SECRET_ACCESS_KEY",
+    "AuthMoto",
     "MotoS3Server",
+    "moto_with_iam",
     "s3_reference_server",
 ]
 
@@ -168,3 +174,76 @@ def s3_reference_server(
     )
     with ReferenceServer(config) as server:
         yield server, bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthMoto:
+    """A moto server that checks credentials and IAM policies (see :func:`moto_with_iam`).
+
+    Attributes:
+        endpoint_url: Where it listens.
+        bucket: A bucket made before checks were switched on.
+        denied_key: ``(access key id, secret)`` of an IAM user with no permissions.
+    """
+
+    endpoint_url: str
+    bucket: str
+    denied_key: tuple[str, str]
+
+
+_AUTH_CHILD = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()  # until the parent closes the pipe
+server.stop()
+"""
+
+
+@contextlib.contextmanager
+def moto_with_iam() -> Iterator[AuthMoto]:
+    """moto in a child process, with IAM authentication and authorisation on.
+
+    moto checks credentials only when ``INITIAL_NO_AUTH_ACTION_COUNT`` says so, and
+    that setting is global to its process; a child of its own keeps the session's
+    shared moto unaffected. Its checks apply to header-signed calls (what botocore
+    sends); a presigned PUT it cannot check answers 500 once checks are on.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _AUTH_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        endpoint = child.stdout.readline().strip()
+        assert endpoint.startswith("http://"), "moto did not start"
+        session = boto3.session.Session(
+            aws_access_key_id=FAKE_ACCESS_KEY_ID,
+            aws_secret_access_key=FAKE_SECRET_ACCESS_KEY,
+            region_name=FAKE_REGION,
+        )
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+        session.client("s3", endpoint_url=endpoint, config=config).create_bucket(
+            Bucket="auth-renders"
+        )
+        iam = session.client("iam", endpoint_url=endpoint)
+        iam.create_user(UserName="renderer")
+        key = iam.create_access_key(UserName="renderer")["AccessKey"]
+        # From here on every call is authenticated and authorised.
+        answer = requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10)
+        assert answer.status_code == 200, answer.text
+        yield AuthMoto(endpoint, "auth-renders", (key["AccessKeyId"], key["SecretAccessKey"]))
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
