@@ -22,10 +22,9 @@ from .._redact import register_secret
 from .._settings import Settings
 from .._transport import HttpResult, RetryPolicy, Transport, TransportConfig
 from .._version import __version__
-from ..engine._engine import StorageResult, UploadEngine
+from ..engine._engine import UploadEngine
 from ..engine._multipart import abort_noting
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut, StoredPart
-from ..engine._streams import ProgressCallback, SourceReader
 from ..protocol import (
     CompletedPart,
     CompleteRequest,
@@ -45,7 +44,7 @@ from ..protocol import (
     StatusResponse,
     decode_backend_answer,
 )
-from ._base import ProviderBase
+from ._base import EngineProvider
 
 __all__ = ["BackendPresignedStorageProvider", "BackendSigner", "transport_for"]
 
@@ -367,7 +366,7 @@ def _upload_id_in(body: bytes) -> str | None:
     return None
 
 
-class BackendPresignedStorageProvider(ProviderBase):
+class BackendPresignedStorageProvider(EngineProvider):
     """Uploads through presigned URLs that the backend issues (seed Phase 35).
 
     For each upload: check the size, ask the backend to presign (bearer token), PUT the
@@ -405,12 +404,6 @@ class BackendPresignedStorageProvider(ProviderBase):
     def __repr__(self) -> str:
         return f"BackendPresignedStorageProvider(backend={self._base_url!r})"
 
-    def close(self) -> None:
-        """Close pooled connections; the provider cannot be used afterwards."""
-        super().close()
-        self.signer.close()
-        self._transport.close()
-
     def get_url(self, key: str) -> str:
         """Return ``STORAGE_PUBLIC_BASE_URL/key``.
 
@@ -426,23 +419,3 @@ class BackendPresignedStorageProvider(ProviderBase):
                 variable="STORAGE_PUBLIC_BASE_URL",
             )
         return f"{base}/{quote(key, safe='/')}"
-
-    def delete(self, key: str) -> None:
-        """Ask the backend to delete ``key`` (seed §3.3; delete-if-exists).
-
-        Raises:
-            BackendError: The call failed (phase ``delete``).
-        """
-        self._check_open()
-        validate_key(key)
-        self.signer.delete(key)
-
-    def _store(
-        self,
-        source: SourceReader,
-        key: str,
-        content_type: str,
-        progress: ProgressCallback | None,
-        resume_path: str | None = None,
-    ) -> StorageResult:
-        return self.engine.upload(source, key, content_type, progress, resume_path)

@@ -18,7 +18,9 @@ from typing import BinaryIO, Protocol, Self, runtime_checkable
 from .._errors import StorageError, StorageUploadError
 from .._keys import guess_content_type, validate_key
 from .._settings import Settings
-from ..engine._engine import StorageResult
+from .._transport import Transport
+from ..engine._engine import StorageResult, UploadEngine
+from ..engine._signer import Signer
 from ..engine._streams import (
     CallbackFailed,
     ProgressCallback,
@@ -28,7 +30,7 @@ from ..engine._streams import (
 )
 from ..protocol._contract import check_content_type
 
-__all__ = ["BaseStorageProvider", "ObjectData", "ProviderBase"]
+__all__ = ["BaseStorageProvider", "EngineProvider", "ObjectData", "ProviderBase"]
 
 ObjectData = bytes | bytearray | memoryview | BinaryIO
 
@@ -192,6 +194,46 @@ class ProviderBase:
         resume_path: str | None = None,
     ) -> StorageResult:
         raise NotImplementedError
+
+
+class EngineProvider(ProviderBase):
+    """A provider that is the upload engine over a signer (``backend_presigned``, ``s3``).
+
+    Subclasses build :attr:`signer`, :attr:`engine` and the transport they share.
+    """
+
+    signer: Signer
+    engine: UploadEngine
+    _transport: Transport
+
+    def close(self) -> None:
+        """Close pooled connections; the provider cannot be used afterwards."""
+        super().close()
+        self.signer.close()
+        self._transport.close()
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` through the signer; a missing key is not an error.
+
+        Raises:
+            InvalidKeyError: The key breaks a key rule.
+            StorageUploadError: The call failed (phase ``delete``): a
+                :class:`~ctrlupload.BackendError` for ``backend_presigned``, an
+                :class:`~ctrlupload.S3Error` subclass for ``s3``/``minio``.
+        """
+        self._check_open()
+        validate_key(key)
+        self.signer.delete(key)
+
+    def _store(
+        self,
+        source: SourceReader,
+        key: str,
+        content_type: str,
+        progress: ProgressCallback | None,
+        resume_path: str | None = None,
+    ) -> StorageResult:
+        return self.engine.upload(source, key, content_type, progress, resume_path)
 
 
 @contextlib.contextmanager

@@ -34,13 +34,12 @@ from .._keys import validate_key
 from .._s3 import FailureKind, ObjectStoreError, S3Bucket, failure_kind, region_in
 from .._settings import Settings, StorageProvider
 from .._transport import HttpResult
-from ..engine._engine import StorageResult, UploadEngine
+from ..engine._engine import UploadEngine
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
-from ..engine._streams import ProgressCallback, SourceReader
 from ..protocol import s3_error_fields
 from ..protocol._objects import InvalidPart, NoSuchUpload, StoredPart
 from ._backend import transport_for
-from ._base import ProviderBase
+from ._base import EngineProvider
 
 __all__ = ["S3Signer", "S3StorageProvider"]
 
@@ -299,7 +298,7 @@ def _region_in(body: bytes) -> str | None:
     return body[start + len(b"<Region>") : end].decode("ascii", "replace").strip() or None
 
 
-class S3StorageProvider(ProviderBase):
+class S3StorageProvider(EngineProvider):
     """Uploads straight to an S3 bucket with credentials this process holds.
 
     ``STORAGE_PROVIDER=s3`` is AWS (or any endpoint ``STORAGE_S3_ENDPOINT_URL`` names);
@@ -315,6 +314,8 @@ class S3StorageProvider(ProviderBase):
     Raises:
         StorageConfigError: A required setting is missing, or boto3 is not installed.
     """
+
+    signer: S3Signer
 
     def __init__(self, settings: Settings | None = None) -> None:
         super().__init__(settings or Settings.from_env())
@@ -362,12 +363,6 @@ class S3StorageProvider(ProviderBase):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._description})"
 
-    def close(self) -> None:
-        """Close pooled connections; the provider cannot be used afterwards."""
-        super().close()
-        self.signer.close()
-        self._transport.close()
-
     def get_url(self, key: str) -> str:
         """``STORAGE_PUBLIC_BASE_URL/key`` when set, else the object's S3 URL (no call).
 
@@ -376,23 +371,3 @@ class S3StorageProvider(ProviderBase):
         """
         validate_key(key)
         return self.signer.public_url(key)
-
-    def delete(self, key: str) -> None:
-        """Delete ``key`` (DeleteObject); a missing key is not an error.
-
-        Raises:
-            S3Error: The call failed (phase ``delete``), as the subclass that says why.
-        """
-        self._check_open()
-        validate_key(key)
-        self.signer.delete(key)
-
-    def _store(
-        self,
-        source: SourceReader,
-        key: str,
-        content_type: str,
-        progress: ProgressCallback | None,
-        resume_path: str | None = None,
-    ) -> StorageResult:
-        return self.engine.upload(source, key, content_type, progress, resume_path)
