@@ -118,3 +118,25 @@ def test_part_runner_cancels_the_rest_after_the_first_failure() -> None:
     with pytest.raises(StorageTransferError, match="part 2 broke"):
         PartRunner(send, 2).run([Part(n, 0, 0) for n in range(1, 50)])
     assert len(started) < 10  # queued parts never started
+
+
+def test_all_parts_follows_pages_and_refuses_a_marker_that_stands_still() -> None:
+    from ctrlupload.protocol._objects import PartsPage, StoredPart, all_parts
+
+    parts = [StoredPart(n, f'"{n}"', 5) for n in range(1, 6)]
+    asked: list[int | None] = []
+
+    def pages(marker: int | None) -> PartsPage:
+        asked.append(marker)
+        after = [part for part in parts if part.part_number > (marker or 0)][:2]
+        more = after[-1].part_number < 5
+        return PartsPage(tuple(after), more, after[-1].part_number if more else None)
+
+    assert all_parts(pages) == parts
+    assert asked == [None, 2, 4]
+    assert all_parts(lambda marker: None) is None
+    stuck = PartsPage(tuple(parts[:1]), True, 1)
+    with pytest.raises(ValueError, match="did not advance"):
+        all_parts(lambda marker: stuck)
+    with pytest.raises(ValueError, match="did not advance"):
+        all_parts(lambda marker: PartsPage((), True, None))

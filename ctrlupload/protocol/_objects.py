@@ -7,6 +7,7 @@ types, and say "no such upload" and "bad part list" with these exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -18,6 +19,7 @@ __all__ = [
     "PartsPage",
     "PresignedPut",
     "StoredPart",
+    "all_parts",
 ]
 
 #: S3's page size for ListParts, and the most the contract returns at once.
@@ -65,3 +67,31 @@ class NoSuchUpload(Exception):
 
 class InvalidPart(Exception):
     """A part named in a completion is missing, differs, or is too small."""
+
+
+def all_parts(fetch: Callable[[int | None], PartsPage | None]) -> list[StoredPart] | None:
+    """Every part of an upload, over all pages of ListParts.
+
+    Args:
+        fetch: One page after a part-number marker (None for the first page), or None
+            when the upload is gone.
+
+    Returns:
+        The parts, ascending; None if the upload is gone.
+
+    Raises:
+        ValueError: A truncated page's marker did not advance (it would loop forever).
+    """
+    listed: list[StoredPart] = []
+    marker: int | None = None
+    while True:
+        page = fetch(marker)
+        if page is None:
+            return None
+        listed.extend(page.parts)
+        following = page.next_part_number_marker
+        if not page.is_truncated:
+            return listed
+        if following is None or (marker is not None and following <= marker):
+            raise ValueError("the page marker did not advance")
+        marker = following

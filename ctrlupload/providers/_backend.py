@@ -24,7 +24,7 @@ from .._transport import HttpResult, RetryPolicy, Transport, TransportConfig
 from .._version import __version__
 from ..engine._engine import UploadEngine
 from ..engine._multipart import abort_noting
-from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut, StoredPart
+from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
 from ..protocol import (
     CompletedPart,
     CompleteRequest,
@@ -44,6 +44,7 @@ from ..protocol import (
     StatusResponse,
     decode_backend_answer,
 )
+from ..protocol._objects import PartsPage, StoredPart, all_parts
 from ._base import EngineProvider
 
 __all__ = ["BackendPresignedStorageProvider", "BackendSigner", "transport_for"]
@@ -239,14 +240,12 @@ class BackendSigner:
         return signed
 
     def list_parts(self, key: str, upload_id: str) -> list[StoredPart] | None:
-        listed: list[StoredPart] = []
-        marker: int | None = None
-        while True:
+        def page(marker: int | None) -> PartsPage | None:
             request = MultipartListRequest(
                 object_key=key, upload_id=upload_id, part_number_marker=marker
             )
             try:
-                page = self._call(
+                answer = self._call(
                     key,
                     "list-parts",
                     self._settings.backend_storage_multipart_list_path,
@@ -257,19 +256,16 @@ class BackendSigner:
                 if error.status_code in _GONE_STATUSES:
                     return None
                 raise
-            listed.extend(
-                StoredPart(part.part_number, part.etag, part.size_bytes) for part in page.parts
+            return PartsPage(
+                tuple(StoredPart(p.part_number, p.etag, p.size_bytes) for p in answer.parts),
+                answer.is_truncated,
+                answer.next_part_number_marker,
             )
-            following = page.next_part_number_marker
-            if not page.is_truncated:
-                return listed
-            if following is None or (marker is not None and following <= marker):
-                raise BackendError(
-                    key,
-                    f"{_LABELS['list-parts']}: the page marker did not advance",
-                    phase="list-parts",
-                )
-            marker = following
+
+        try:
+            return all_parts(page)
+        except ValueError as exc:
+            raise BackendError(key, f"{_LABELS['list-parts']}: {exc}", phase="list-parts") from None
 
     def complete_multipart(
         self,

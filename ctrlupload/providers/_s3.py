@@ -37,7 +37,7 @@ from .._transport import HttpResult
 from ..engine._engine import UploadEngine
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
 from ..protocol import s3_error_fields
-from ..protocol._objects import InvalidPart, NoSuchUpload, StoredPart
+from ..protocol._objects import InvalidPart, NoSuchUpload, PartsPage, StoredPart, all_parts
 from ._backend import transport_for
 from ._base import EngineProvider
 
@@ -148,26 +148,18 @@ class S3Signer:
         return signed
 
     def list_parts(self, key: str, upload_id: str) -> list[StoredPart] | None:
-        listed: list[StoredPart] = []
-        marker = 0
-        while True:
+        def page(marker: int | None) -> PartsPage | None:
             try:
-                page = self._bucket.list_parts(key, upload_id, part_number_marker=marker)
-            except NoSuchUpload:
+                return self._bucket.list_parts(key, upload_id, part_number_marker=marker or 0)
+            except NoSuchUpload:  # or NoSuchKey, on some S3-compatible stores
                 return None
             except ObjectStoreError as error:
                 raise self.error(key, "list-parts", error) from None
-            listed.extend(page.parts)
-            following = page.next_part_number_marker
-            if not page.is_truncated:
-                return listed
-            if following is None or following <= marker:
-                raise S3Error(
-                    key,
-                    f"{_LABELS['list-parts']}: S3's page marker did not advance",
-                    phase="list-parts",
-                )
-            marker = following
+
+        try:
+            return all_parts(page)
+        except ValueError as exc:
+            raise S3Error(key, f"{_LABELS['list-parts']}: S3's {exc}", phase="list-parts") from None
 
     def complete_multipart(
         self,
