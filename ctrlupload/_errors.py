@@ -15,8 +15,8 @@
         ├── UploadCancelled       a part stopped because another part, or presigning
         │                         its URL, failed                       (phase "upload")
         ├── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
-        └── S3Error               S3 refused or failed a call of the s3/minio providers
-            │                     (any phase: botocore's calls and the presigned PUTs)
+        └── S3Error               s3/minio: one of botocore's calls failed (any phase), or
+            │                     a PUT failed in one of the ways below (phase "upload")
             ├── S3CredentialsError          no credentials, or S3 does not accept them
             ├── S3BucketNotFoundError       the bucket does not exist
             ├── S3AccessDeniedError         the credentials may not do this

@@ -32,6 +32,7 @@ from ctrlupload import (
     S3StorageProvider,
     S3WrongRegionError,
     Settings,
+    StorageTransferError,
     StorageUploadError,
     get_storage_provider,
     render_asset_key,
@@ -531,6 +532,24 @@ def test_other_s3_failures_stay_plain_s3_errors(
     assert type(big.value) is S3Error
     assert big.value.status_code == 500
     assert proxy.faults_served == 2  # botocore's attempts, STORAGE_RETRY_ATTEMPTS of them
+
+
+def test_a_put_storage_fails_otherwise_stays_a_transfer_error(
+    make_provider: MakeProvider, moto_s3: MotoS3Server
+) -> None:
+    def broken_puts(method: str, path: str, query: str) -> CannedAnswer | None:
+        if method == "PUT":
+            return 500, b"<Error><Code>InternalError</Code><Message>snag</Message></Error>"
+        return None
+
+    with S3FaultProxy(moto_s3.endpoint_url, broken_puts) as proxy:
+        storage = make_provider(
+            STORAGE_S3_ENDPOINT_URL=proxy.endpoint_url, STORAGE_RETRY_ATTEMPTS=2
+        )
+        with pytest.raises(StorageTransferError, match="HTTP 500 after 2 attempts") as caught:
+            storage.put_object(b"x", "a/x.txt")
+    assert not isinstance(caught.value, S3Error)
+    assert proxy.faults_served == 2
 
 
 # -- one retry owner ----------------------------------------------------------------------

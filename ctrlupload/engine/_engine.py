@@ -251,7 +251,7 @@ class UploadEngine:
             ):
                 logger.info("presigned URL for %s expired; asking for a fresh one", key)
                 signed = sign()
-                result = None
+                result = None  # the first answer does not explain a failure of the second
                 result = self._put(window, key, signed, what)
             digest = hasher.hexdigest() if hasher is not None and window.hash_complete else None
             return process_put_answer(

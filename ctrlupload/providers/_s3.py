@@ -218,11 +218,16 @@ class S3Signer:
     def explain_put_failure(
         self, error: StorageTransferError, answer: HttpResult | None
     ) -> StorageUploadError | None:
-        """A typed error for a presigned PUT that S3 refused, or that found no endpoint."""
+        """A typed error for a presigned PUT that S3 refused, or that found no endpoint.
+
+        None (keep the :class:`StorageTransferError`) for every other failure.
+        """
         if answer is None:
             cause = error.__cause__
             root = cause.root_type if isinstance(cause, TransportFailure) else None
             kind = failure_kind(status=None, code=None, exception_name=root)
+            if kind is None:
+                return None  # a reset, a timeout: the transport's error says it
             return self._typed(error.key, error.phase, error.reason, kind, None, None, None)
         code, message = s3_error_fields(answer.body)
         region = region_in(answer.headers.get("x-amz-bucket-region"), _region_in(answer.body))
@@ -230,6 +235,8 @@ class S3Signer:
         kind = failure_kind(
             status=answer.status_code, code=code or None, message=message, region=region
         )
+        if kind is None:
+            return None  # a 5xx, a mismatched ETag...: StorageTransferError says it
         return self._typed(
             error.key, error.phase, error.reason, kind, answer.status_code, code or None, region
         )
