@@ -32,6 +32,7 @@ from ctrlupload import (
     S3StorageProvider,
     S3WrongRegionError,
     Settings,
+    StorageConfigError,
     StorageTransferError,
     StorageUploadError,
     get_storage_provider,
@@ -697,3 +698,20 @@ def test_one_render_switches_provider_by_environment_alone(
         key: url.replace(f"/{bucket}/", f"/{minio_bucket}/")
         for key, url in presigned["results"].items()
     }
+
+
+def test_without_boto3_the_provider_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 -> ImportError
+    settings = Settings(
+        STORAGE_PROVIDER="minio",
+        STORAGE_S3_BUCKET="renders",
+        STORAGE_S3_ENDPOINT_URL="http://127.0.0.1:9000",
+    )
+    with pytest.raises(StorageConfigError) as caught:
+        get_storage_provider(settings)
+    assert str(caught.value) == (
+        "STORAGE_PROVIDER=minio needs boto3, which is not installed: pip install 'ctrlupload[s3]'"
+    )
+    assert caught.value.__suppress_context__ or caught.value.__cause__ is not None
