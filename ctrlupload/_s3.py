@@ -619,19 +619,23 @@ class S3Bucket:
         Raises:
             ObjectStoreError: HEAD failed with something other than 404.
         """
-        digests = [part.etag.strip('"') for part in parts]
-        if not all(_MD5_HEX.fullmatch(digest) for digest in digests):
+        assembled = _assembled_etag(parts)
+        if assembled is None:
             return None
-        assembled = multipart_etag([digest.lower() for digest in digests])
-        expected = _total(parts, expected_size)
+        return self._head_shows(key, _total(parts, expected_size), assembled)[0]
+
+    def _head_shows(
+        self, key: str, expected: int, assembled: str
+    ) -> tuple[ObjectInfo | None, ObjectInfo | None]:
+        """One HEAD: the confirmed object (or None), and what HEAD showed."""
         stored = self.head(key)
         if (
             stored is not None
             and stored.size_bytes == expected
             and stored.etag.strip('"').lower() == assembled.strip('"')
         ):
-            return ObjectInfo(size_bytes=expected, etag=assembled)
-        return None
+            return ObjectInfo(size_bytes=expected, etag=assembled), stored
+        return None, stored
 
     def _confirm_without_etag(
         self, key: str, parts: Sequence[StoredPart], expected: int
@@ -641,8 +645,8 @@ class S3Bucket:
             f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
             "without an ETag"
         )
-        digests = [part.etag.strip('"') for part in parts]
-        if not all(_MD5_HEX.fullmatch(digest) for digest in digests):
+        assembled = _assembled_etag(parts)
+        if assembled is None:
             # SSE-KMS and SSE-C parts: no ETag to compare HEAD's with.
             raise ObjectStoreError(
                 f"{prefix}, and the parts' ETags are not MD5 digests, so HEAD cannot "
@@ -651,11 +655,9 @@ class S3Bucket:
                 bucket=self._bucket,
                 key=key,
             )
-        confirmed = self.confirm_assembled(key, parts, expected_size=expected)
+        confirmed, stored = self._head_shows(key, expected, assembled)
         if confirmed is not None:
             return confirmed
-        assembled = multipart_etag([digest.lower() for digest in digests])
-        stored = self.head(key)
         found = (
             "no object" if stored is None else f"{stored.size_bytes} bytes with ETag {stored.etag}"
         )
@@ -843,6 +845,14 @@ def failure_kind(
         if status == HTTPStatus.BAD_REQUEST and region is not None:
             return "wrong-region"
     return None
+
+
+def _assembled_etag(parts: Sequence[StoredPart]) -> str | None:
+    """The multipart ETag these parts make, or None when their ETags are not MD5s."""
+    digests = [part.etag.strip('"').lower() for part in parts]
+    if not all(_MD5_HEX.fullmatch(digest) for digest in digests):
+        return None
+    return multipart_etag(digests)
 
 
 def _total(parts: Sequence[StoredPart], expected_size: int | None) -> int:
