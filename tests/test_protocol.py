@@ -193,3 +193,11 @@ def test_decode_reports_a_status_with_the_backends_message_and_attempts() -> Non
 )
 def test_is_resumable(error: BaseException, resumable: bool) -> None:
     assert is_resumable(error) is resumable
+
+
+def test_s3_error_region_reads_where_the_bucket_is() -> None:
+    from ctrlupload.protocol import s3_error_region
+
+    body = b"<Error><Code>PermanentRedirect</Code><Region>eu-west-1</Region></Error>"
+    assert s3_error_region(body) == "eu-west-1"
+    assert s3_error_region(b"<Error><Code>AccessDenied</Code></Error>") == ""

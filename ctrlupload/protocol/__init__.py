@@ -24,6 +24,7 @@ from ._answers import (
     process_put_answer,
     s3_error_detail,
     s3_error_fields,
+    s3_error_region,
     signature_expiry,
 )
 from ._contract import (
@@ -110,5 +111,6 @@ __all__ = [
     "process_put_answer",
     "s3_error_detail",
     "s3_error_fields",
+    "s3_error_region",
     "signature_expiry",
 ]

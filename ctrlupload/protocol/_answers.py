@@ -41,13 +41,14 @@ __all__ = [
     "process_put_answer",
     "s3_error_detail",
     "s3_error_fields",
+    "s3_error_region",
     "signature_expiry",
 ]
 
 #: What S3 says in the body of a 403 for an expired presigned URL.
 EXPIRED_MARKER: Final = b"Request has expired"
 _PLAIN_MD5_ETAG: Final = re.compile(r'^(?:W/)?"?([0-9a-fA-F]{32})"?$')
-_S3_ERROR_FIELD: Final = re.compile(rb"<(Code|Message)>([^<]{0,300})</\1>")
+_S3_ERROR_FIELD: Final = re.compile(rb"<(Code|Message|Region)>([^<]{0,300})</\1>")
 _AMZ_DATE: Final = re.compile(r"^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z$")
 
 _ModelT = TypeVar("_ModelT", bound=ResponseModel)
@@ -67,6 +68,12 @@ def s3_error_fields(body: bytes) -> tuple[str, str]:
     code = fields.get(b"Code", b"").decode("utf-8", "replace").strip()
     message = fields.get(b"Message", b"").decode("utf-8", "replace").strip()
     return code, message
+
+
+def s3_error_region(body: bytes) -> str:
+    """The ``Region`` of an S3 XML error body (empty if absent): where the bucket is."""
+    fields: dict[bytes, bytes] = dict(_S3_ERROR_FIELD.findall(body))
+    return fields.get(b"Region", b"").decode("ascii", "replace").strip()
 
 
 def s3_error_detail(body: bytes) -> str:

@@ -36,7 +36,7 @@ from .._settings import Settings, StorageProvider
 from .._transport import HttpResult
 from ..engine._engine import UploadEngine
 from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
-from ..protocol import s3_error_fields
+from ..protocol import s3_error_fields, s3_error_region
 from ..protocol._objects import InvalidPart, NoSuchUpload, PartsPage, StoredPart, all_parts
 from ._backend import transport_for
 from ._base import EngineProvider
@@ -230,8 +230,9 @@ class S3Signer:
                 return None  # a reset, a timeout: the transport's error says it
             return self._typed(error.key, error.phase, error.reason, kind, None, None, None)
         code, message = s3_error_fields(answer.body)
-        region = region_in(answer.headers.get("x-amz-bucket-region"), _region_in(answer.body))
-        region = region or region_in(message)
+        region = region_in(
+            answer.headers.get("x-amz-bucket-region"), s3_error_region(answer.body), message
+        )
         kind = failure_kind(
             status=answer.status_code, code=code or None, message=message, region=region
         )
@@ -288,13 +289,6 @@ class S3Signer:
                 f"STORAGE_S3_REGION={region}"
             )
         return f"Bucket '{bucket}' is in another region than {ours}: set STORAGE_S3_REGION"
-
-
-def _region_in(body: bytes) -> str | None:
-    start, end = body.find(b"<Region>"), body.find(b"</Region>")
-    if start < 0 or end < start:
-        return None
-    return body[start + len(b"<Region>") : end].decode("ascii", "replace").strip() or None
 
 
 class S3StorageProvider(EngineProvider):
