@@ -94,6 +94,11 @@ class Settings(BaseModel):
     backend_storage_delete_path: str = Field(
         "/internal/storage/delete", alias="BACKEND_STORAGE_DELETE_PATH"
     )
+    backend_storage_complete_set_path: str = Field(
+        "/internal/storage/complete-set",
+        alias="BACKEND_STORAGE_COMPLETE_SET_PATH",
+        description="Records a render's objects in one call; optional, see docs/contract.md.",
+    )
     backend_storage_multipart_initiate_path: str = Field(
         "/internal/storage/multipart/initiate", alias="BACKEND_STORAGE_MULTIPART_INITIATE_PATH"
     )
@@ -244,6 +249,7 @@ class Settings(BaseModel):
         "backend_storage_presign_path",
         "backend_storage_complete_path",
         "backend_storage_delete_path",
+        "backend_storage_complete_set_path",
         "backend_storage_multipart_initiate_path",
         "backend_storage_multipart_presign_path",
         "backend_storage_multipart_list_path",

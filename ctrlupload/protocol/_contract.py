@@ -19,10 +19,16 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
+    "MAX_SET_OBJECTS",
     "CompleteRequest",
+    "CompleteSetObject",
+    "CompleteSetRequest",
+    "CompleteSetResponse",
+    "CompletedObject",
     "CompletedPart",
     "DeleteRequest",
     "ListedPart",
@@ -289,6 +295,75 @@ class MultipartCompleteResponse(_Response):
 
     public_url: str
     etag: str
+
+
+#: Most objects one ``complete-set`` call records.
+MAX_SET_OBJECTS: Final = 100
+
+
+class CompleteSetObject(_Request):
+    """One object of ``POST complete-set``.
+
+    Either an object already stored by a single PUT (``etag`` and ``public_url``, as
+    for ``complete``) or a multipart upload whose parts are all stored and which the
+    backend assembles (``upload_id`` and ``parts``, as for ``multipart/complete``).
+    """
+
+    object_key: str
+    size_bytes: JsonInt = Field(ge=0)
+    content_type: ContentType
+    etag: str | None = None
+    public_url: str | None = None
+    upload_id: str | None = Field(default=None, min_length=1)
+    parts: list[CompletedPart] | None = Field(default=None, min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CompleteSetObject:
+        stored = self.etag is not None or self.public_url is not None
+        multipart = self.upload_id is not None or self.parts is not None
+        if stored == multipart:
+            raise ValueError(
+                "give either etag and public_url (a stored object) or upload_id and "
+                "parts (a multipart upload to assemble)"
+            )
+        if stored and (self.etag is None or self.public_url is None):
+            raise ValueError("a stored object needs both etag and public_url")
+        if multipart and (self.upload_id is None or self.parts is None):
+            raise ValueError("a multipart upload needs both upload_id and parts")
+        return self
+
+
+class CompleteSetRequest(_Request):
+    """Body of ``POST complete-set``: record every object, or none, in one transaction.
+
+    An upsert by object_key like ``complete``; repeating the call is safe. An empty
+    list records nothing (and tells a caller the backend offers the call).
+    """
+
+    objects: list[CompleteSetObject] = Field(max_length=MAX_SET_OBJECTS)
+
+    @field_validator("objects")
+    @classmethod
+    def _unique_keys(cls, value: list[CompleteSetObject]) -> list[CompleteSetObject]:
+        keys = [item.object_key for item in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError("object_key values must be unique")
+        return value
+
+
+class CompletedObject(_Response):
+    """One recorded object in the answer of ``complete-set``."""
+
+    object_key: str
+    etag: str
+    public_url: str
+
+
+class CompleteSetResponse(_Response):
+    """Answer of ``POST complete-set``: the objects recorded, in request order."""
+
+    status: str
+    objects: list[CompletedObject]
 
 
 class MultipartAbortRequest(_Request):
