@@ -10,6 +10,9 @@ streams the bytes straight to storage, then tells the backend it is done::
         result = storage.put_file("out/video.mp4", key)
         print(result.url)
 
+A render's files go up together, all or nothing, with :func:`upload_render`; async
+code uses :mod:`ctrlupload.aio`, and :mod:`ctrlupload.progress` draws progress bars.
+
 Everything is synchronous and thread-safe: share one provider across a thread pool.
 """
 
@@ -17,6 +20,7 @@ from ._errors import (
     BackendError,
     IntegrityError,
     InvalidKeyError,
+    RenderUploadError,
     S3AccessDeniedError,
     S3BucketNotFoundError,
     S3CredentialsError,
@@ -29,9 +33,11 @@ from ._errors import (
     StorageTransferError,
     StorageUploadError,
     TransportFailure,
+    UploadCancelled,
     UploadTooLargeError,
 )
 from ._keys import guess_content_type, render_asset_key, validate_key
+from ._render import RenderUpload, upload_render
 from ._settings import Settings, StorageProvider
 from ._version import __version__
 from .engine import StorageResult
@@ -52,6 +58,8 @@ __all__ = [
     "InvalidKeyError",
     "LocalStorageProvider",
     "ProgressCallback",
+    "RenderUpload",
+    "RenderUploadError",
     "S3AccessDeniedError",
     "S3BucketNotFoundError",
     "S3CredentialsError",
@@ -68,10 +76,12 @@ __all__ = [
     "StorageTransferError",
     "StorageUploadError",
     "TransportFailure",
+    "UploadCancelled",
     "UploadTooLargeError",
     "__version__",
     "get_storage_provider",
     "guess_content_type",
     "render_asset_key",
+    "upload_render",
     "validate_key",
 ]

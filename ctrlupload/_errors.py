@@ -4,6 +4,7 @@
 
     StorageError                  base of everything ctrlupload raises
     ├── StorageConfigError        a setting is missing or has a bad value
+    ├── UploadCancelled           the caller's ``cancel`` event was set; nothing is kept
     └── StorageUploadError        an upload-time failure; code STORAGE_UPLOAD_FAILED
         ├── InvalidKeyError       the object key breaks a key rule      (phase "validate")
         ├── UploadTooLargeError   the body exceeds VIDEO_MAX_UPLOAD_BYTES (phase "validate")
@@ -12,8 +13,7 @@
         │                         "delete", "initiate", "presign-parts", "list-parts",
         │                         "complete-multipart" or "abort")
         ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
-        ├── UploadCancelled       a part stopped because another part, or presigning
-        │                         its URL, failed                       (phase "upload")
+        ├── RenderUploadError     upload_render: one asset failed; ``.asset`` names it
         ├── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
         └── S3Error               s3/minio: one of botocore's calls failed (any phase), or
             │                     a PUT failed in one of the ways below (phase "upload")
@@ -35,6 +35,8 @@ __all__ = [
     "BackendError",
     "IntegrityError",
     "InvalidKeyError",
+    "PartStopped",
+    "RenderUploadError",
     "S3AccessDeniedError",
     "S3BucketNotFoundError",
     "S3CredentialsError",
@@ -155,11 +157,68 @@ class IntegrityError(StorageUploadError):
     default_phase = "integrity"
 
 
-class UploadCancelled(StorageUploadError):
+class PartStopped(StorageUploadError):
     """A part stopped because another part of the same upload, or presigning the part
-    URLs, failed; the upload reports that first failure, not this."""
+    URLs, failed; the upload reports that first failure, never this (internal)."""
 
     default_phase = "upload"
+
+
+class UploadCancelled(StorageError):
+    """The ``cancel`` event passed to the call was set, and the upload stopped.
+
+    Not a :class:`StorageUploadError`: nothing failed, and code that maps upload
+    failures to ``STORAGE_UPLOAD_FAILED`` should not count it. Nothing the call stored
+    is kept: a multipart upload is aborted, and ``upload_render`` deletes the assets it
+    had stored.
+
+    Attributes:
+        key: The object key (for ``upload_render``, the asset that noticed first).
+    """
+
+    def __init__(self, key: str, reason: str = "the upload was cancelled") -> None:
+        super().__init__(f"Upload of '{key}' cancelled: {reason}")
+        self.key = key
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.key, self.reason))
+
+
+class RenderUploadError(StorageUploadError):
+    """One asset of ``upload_render`` failed; the render's other assets were removed.
+
+    The message and attributes are those of the asset's own failure (the seed's text,
+    code ``STORAGE_UPLOAD_FAILED``); the original error is chained as the cause, and
+    what the cleanup did is in the notes.
+
+    Attributes:
+        asset: ``"video"``, ``"subtitles"`` or ``"thumbnail"``.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        reason: str,
+        *,
+        asset: str = "",
+        phase: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(key, reason, phase=phase, status_code=status_code)
+        self.asset = asset
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_render_error,
+            (self.key, self.reason, self.asset, self.phase, self.status_code),
+        )
+
+
+def _rebuild_render_error(
+    key: str, reason: str, asset: str, phase: str, status_code: int | None
+) -> RenderUploadError:
+    return RenderUploadError(key, reason, asset=asset, phase=phase, status_code=status_code)
 
 
 class S3Error(StorageUploadError):

@@ -87,10 +87,16 @@ def _key_problem(key: str) -> str | None:
 
 
 def _id_segment(name: str, value: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidKeyError(
+            f"videos/.../{name}", f"{name} must be a str, not {type(value).__name__}"
+        )
     if not value or "/" in value:
         raise InvalidKeyError(
             f"videos/.../{name}", f"{name} must be non-empty and must not contain '/'"
         )
+    if value in (".", ".."):
+        raise InvalidKeyError(f"videos/.../{name}", f"{name} must not be {value!r}")
     return value
 
 
@@ -110,7 +116,8 @@ def render_asset_key(video_id: str, script_id: str, job_id: str, asset: RenderAs
         The validated object key.
 
     Raises:
-        InvalidKeyError: An id is empty or holds ``/``, or the key breaks a key rule.
+        InvalidKeyError: An id is not a str, is empty, ``.`` or ``..``, or holds ``/``,
+            or the key breaks a key rule.
     """
     try:
         filename = ASSET_FILENAMES[asset]

@@ -62,9 +62,11 @@ from urllib3.util.retry import Retry
 from ._errors import TransportFailure
 from ._redact import install_log_redaction, redact_text, redact_url
 
-__all__ = ["HttpResult", "RetryPolicy", "Transport", "TransportConfig"]
+__all__ = ["HttpResult", "RequestCancelled", "RetryPolicy", "Transport", "TransportConfig"]
 
 logger = logging.getLogger("ctrlupload")
+#: One INFO line per retry: ``retrying in 0.5 s (attempt 2/5): connection refused``.
+retry_logger = logging.getLogger("ctrlupload.retry")
 
 #: Statuses retried with backoff (Retry-After honoured on 429 and 503).
 RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
@@ -118,16 +120,74 @@ class RetryPolicy:
         )
 
 
+class RequestCancelled(Exception):
+    """The call's ``cancel`` event was set before an attempt or during a retry wait."""
+
+
 class _LenientRetry(Retry):
-    """urllib3's ``Retry``, except that a Retry-After it cannot parse means "use the
-    backoff" rather than failing the request (urllib3 raises InvalidHeader)."""
+    """urllib3's ``Retry``, except that
+
+    * a Retry-After it cannot parse means "use the backoff" rather than failing the
+      request (urllib3 raises InvalidHeader);
+    * each wait is logged on ``ctrlupload.retry`` before it starts, with the reason;
+    * the wait ends early, with :class:`RequestCancelled`, when the call is cancelled.
+    """
 
     def parse_retry_after(self, retry_after: str) -> float:
         try:
             return super().parse_retry_after(retry_after)
         except urllib3.exceptions.InvalidHeader:
             logger.debug("ignoring unparsable Retry-After %r", retry_after[:64])
-            return 0.0  # falsy: sleep_for_retry falls back to the exponential backoff
+            return 0.0  # falsy: sleep falls back to the exponential backoff
+
+    def sleep(self, response: urllib3.response.BaseHTTPResponse | None = None) -> None:
+        wait: float | None = None
+        if self.respect_retry_after_header and response:
+            wait = self.get_retry_after(response)
+        if not wait:
+            wait = self.get_backoff_time()
+        call = _CURRENT_CALL.get()
+        if call is not None:
+            last = self.history[-1] if self.history else None
+            retry_logger.info(
+                "%s %s: retrying in %.1f s (attempt %d/%d): %s",
+                call.method,
+                call.where,
+                wait,
+                call.attempts + 1,
+                call.config.retry.attempts,
+                _retry_reason(last),
+            )
+        cancel = None if call is None else call.cancel
+        if cancel is None:
+            if wait > 0:
+                time.sleep(wait)
+        elif cancel.wait(wait):
+            raise RequestCancelled()
+
+
+def _retry_reason(last: Any) -> str:
+    """Why an attempt is being repeated, in a few plain words."""
+    if last is None:
+        return "unknown failure"
+    if last.status is not None and last.error is None:
+        return f"HTTP {last.status}"
+    error = last.error
+    root = _root_cause(error) if isinstance(error, BaseException) else error
+    text = str(root).lower()
+    if isinstance(root, urllib3.exceptions.NewConnectionError):
+        return "connection refused" if "refused" in text else "could not connect"
+    if isinstance(root, urllib3.exceptions.ConnectTimeoutError):
+        return "connect timed out"
+    if isinstance(root, (TimeoutError, urllib3.exceptions.TimeoutError)):
+        return "timed out"
+    if isinstance(root, ConnectionResetError) or "reset" in text:
+        return "connection reset"
+    if isinstance(root, (BrokenPipeError, http.client.RemoteDisconnected)) or (
+        "closed" in text or "aborted" in text
+    ):
+        return "connection closed"
+    return type(root).__name__
 
 
 @dataclass(frozen=True)
@@ -183,6 +243,9 @@ class _Call:
 
     config: TransportConfig
     watchdog: _Watchdog
+    method: str = ""
+    where: str = ""
+    cancel: threading.Event | None = None
     attempts: int = 0
     overran: bool = False
     bound_s: float = 0.0
@@ -309,6 +372,8 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
     def request(self, method: str, url: str, body: Any = None, *args: Any, **kwargs: Any) -> None:
         call = _CURRENT_CALL.get()
         if call is not None:
+            if call.cancel is not None and call.cancel.is_set():
+                raise RequestCancelled()
             call.attempts += 1
             call.overran = False
             call.bound_s = call.config.attempt_bound_s(_body_length(body))
@@ -507,13 +572,28 @@ class Transport:
             headers={"Accept": "application/json", **(headers or {})},
         )
 
-    def put(self, url: str, body: object, headers: Mapping[str, str]) -> HttpResult:
+    def put(
+        self,
+        url: str,
+        body: object,
+        headers: Mapping[str, str],
+        *,
+        cancel: threading.Event | None = None,
+    ) -> HttpResult:
         """PUT ``body`` (bytes or an object with read/tell/seek/__len__) to ``url``.
+
+        Args:
+            url: Where to PUT.
+            body: The body.
+            headers: Headers to send as given.
+            cancel: When set, no further attempt starts and a retry wait ends at once.
+                (A body that checks the same event stops within one block.)
 
         Raises:
             TransportFailure: The request could not be completed (already retried).
+            RequestCancelled: ``cancel`` was set.
         """
-        return self._send("PUT", url, data=body, headers=dict(headers))
+        return self._send("PUT", url, cancel=cancel, data=body, headers=dict(headers))
 
     def send(
         self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]
@@ -548,9 +628,12 @@ class Transport:
             sent["Content-Length"] = str(len(body))
         return self._send(method, url, data=body, headers=sent)
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> HttpResult:
-        logger.debug("%s %s", method, redact_url(url))
-        call = _Call(self.config, self._watchdog)
+    def _send(
+        self, method: str, url: str, *, cancel: threading.Event | None = None, **kwargs: Any
+    ) -> HttpResult:
+        where = redact_url(url)
+        logger.debug("%s %s", method, where)
+        call = _Call(self.config, self._watchdog, method, where, cancel)
         token = _CURRENT_CALL.set(call)
         failure: TransportFailure | None = None
         try:

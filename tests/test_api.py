@@ -12,6 +12,8 @@ def test_public_api_is_pinned() -> None:
         "InvalidKeyError",
         "LocalStorageProvider",
         "ProgressCallback",
+        "RenderUpload",
+        "RenderUploadError",
         "S3AccessDeniedError",
         "S3BucketNotFoundError",
         "S3CredentialsError",
@@ -28,11 +30,13 @@ def test_public_api_is_pinned() -> None:
         "StorageTransferError",
         "StorageUploadError",
         "TransportFailure",
+        "UploadCancelled",
         "UploadTooLargeError",
         "__version__",
         "get_storage_provider",
         "guess_content_type",
         "render_asset_key",
+        "upload_render",
         "validate_key",
     ]
     for name in ctrlupload.__all__:

@@ -169,15 +169,44 @@ def test_oversize_fails_before_any_request(mocked, video) -> None:  # type: igno
     ):
         client.put_file(video, KEY)
     assert str(caught.value) == (
-        f"Storage upload failed for '{KEY}': File size 0.0MB exceeds limit 0.0MB"
+        f"Storage upload failed for '{KEY}': File size 14.6 KiB exceeds limit 1000 bytes "
+        "(VIDEO_MAX_UPLOAD_BYTES=1000)"
     )
     assert len(mocked.calls) == 0
 
 
-def test_oversize_message_matches_the_seed() -> None:
+def test_oversize_message_keeps_the_seeds_shape_in_mib_and_names_the_setting() -> None:
     with pytest.raises(UploadTooLargeError) as caught:
         check_size_limit(KEY, int(150.5 * 1024 * 1024), 104857600)
-    assert caught.value.reason == "File size 150.5MB exceeds limit 100.0MB"
+    assert caught.value.reason == (
+        "File size 150.5 MiB exceeds limit 100.0 MiB (VIDEO_MAX_UPLOAD_BYTES=104857600)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "limit", "reason"),
+    [
+        (300, 0, "File size 300 bytes exceeds limit 0 bytes (VIDEO_MAX_UPLOAD_BYTES=0)"),
+        (
+            100 * 1024 * 1024 + 1,
+            100 * 1024 * 1024,
+            "File size 104857601 bytes exceeds limit 104857600 bytes "
+            "(VIDEO_MAX_UPLOAD_BYTES=104857600)",
+        ),
+        (
+            6 * 1024**3,
+            5 * 1024**3,
+            "File size 6.0 GiB exceeds limit 5.0 GiB (VIDEO_MAX_UPLOAD_BYTES=5368709120)",
+        ),
+    ],
+)
+def test_oversize_message_never_shows_two_sizes_that_read_the_same(
+    size: int, limit: int, reason: str
+) -> None:
+    with pytest.raises(UploadTooLargeError) as caught:
+        check_size_limit(KEY, size, limit)
+    assert caught.value.reason == reason
+    assert "0.0" not in reason
 
 
 @pytest.mark.parametrize(

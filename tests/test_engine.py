@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ctrlupload import BackendError, Settings
-from ctrlupload._errors import UploadCancelled
+from ctrlupload._errors import PartStopped
 from ctrlupload.engine import (
     CompletedUpload,
     MultipartUpload,
@@ -308,10 +308,10 @@ def test_a_failing_batch_is_signed_once_whatever_the_number_of_waiting_parts() -
     for thread in [first, *others]:
         thread.join(10)
     assert calls == [list(range(1, 9))]  # one call, not one per waiting part
-    real = [e for e in errors if not isinstance(e, UploadCancelled)]
+    real = [e for e in errors if not isinstance(e, PartStopped)]
     assert len(real) == 1 and isinstance(real[0], BackendError)
     assert len(errors) == 8
-    with pytest.raises(UploadCancelled):
+    with pytest.raises(PartStopped):
         urls.get(1)  # and nobody calls again later
     assert len(calls) == 1
 

@@ -1147,7 +1147,8 @@ def test_file_over_the_size_limit_fails_before_any_request_with_seed_text(
         provider.put_file(path, KEY)
 
     assert str(caught.value) == (
-        f"Storage upload failed for '{KEY}': File size 1.5MB exceeds limit 1.0MB"
+        f"Storage upload failed for '{KEY}': File size 1.5 MiB exceeds limit 1.0 MiB "
+        "(VIDEO_MAX_UPLOAD_BYTES=1048576)"
     )
     assert caught.value.phase == "validate"
     assert backend.requests == []

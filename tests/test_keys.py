@@ -71,7 +71,7 @@ def test_render_asset_key_follows_the_seed_layout(asset: str, filename: str) -> 
     [
         (("", "S", "J"), "video_id"),
         (("V", "S/x", "J"), "script_id"),
-        (("V", "S", ".."), "'..' segment"),
+        (("V", "S", ".."), "job_id must not be '..'"),
     ],
 )
 def test_render_asset_key_rejects_bad_ids(ids: tuple[str, str, str], problem: str) -> None:

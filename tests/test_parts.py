@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrlupload._errors import StorageTransferError, UploadCancelled
+from ctrlupload._errors import StorageTransferError, PartStopped
 from ctrlupload.engine._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
 from ctrlupload.engine._streams import object_source
 from ctrlupload.protocol import (
@@ -111,7 +111,7 @@ def test_part_runner_cancels_the_rest_after_the_first_failure() -> None:
             raise StorageTransferError("k", "part 2 broke")
         for _ in range(200):  # a slow part that notices the cancellation
             if cancelled.is_set():
-                raise UploadCancelled("k", "cancelled")
+                raise PartStopped("k", "cancelled")
             time.sleep(0.005)
         return "etag"
 

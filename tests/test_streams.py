@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ctrlupload import SourceFileError
-from ctrlupload._errors import UploadCancelled
+from ctrlupload._errors import PartStopped
 from ctrlupload.engine._streams import (
     FileWindow,
     Md5Hasher,
@@ -297,7 +297,7 @@ def test_send_over_stops_when_cancelled(data_file) -> None:  # type: ignore[no-u
     receiver = Receiver()
     with open_source("k", path) as source:
         window = FileWindow(source, 0, 5000, cancelled=cancelled)
-        with pytest.raises(UploadCancelled):
+        with pytest.raises(PartStopped):
             window.send_over(receiver.sender, 1024)
     assert receiver.finish() == b""
 
@@ -373,7 +373,7 @@ def test_send_over_stops_a_large_window_when_cancelled(big_file, kind: str) -> N
             progress=CancelAfterFirstBlock(len(data), None),
             cancelled=cancelled,
         )
-        with pytest.raises(UploadCancelled):
+        with pytest.raises(PartStopped):
             window.send_over(receiver.sender, 1024 * 1024)
     assert len(receiver.finish()) < len(data)
     assert not [t for t in threading.enumerate() if t.name == "ctrlupload-read"]

@@ -14,14 +14,25 @@ Decisions that need no socket live in :mod:`ctrlupload.protocol`; the one module
 sends is :mod:`ctrlupload._transport`.
 """
 
-from ._engine import StorageResult, UploadEngine
-from ._signer import CompletedUpload, MultipartUpload, SignedPut, Signer, StoredPart
+from ._engine import StagedUpload, StorageResult, UploadEngine
+from ._signer import (
+    CompletedUpload,
+    MultipartUpload,
+    SetObject,
+    SetSigner,
+    SignedPut,
+    Signer,
+    StoredPart,
+)
 
 __all__ = [
     "CompletedUpload",
     "MultipartUpload",
+    "SetObject",
+    "SetSigner",
     "SignedPut",
     "Signer",
+    "StagedUpload",
     "StorageResult",
     "StoredPart",
     "UploadEngine",

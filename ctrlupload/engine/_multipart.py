@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from .._errors import StorageError, UploadCancelled
+from .._errors import PartStopped, StorageError, UploadCancelled
 from ..protocol._parts import Part
 from ._signer import SignedPut, Signer
 from ._streams import SourceReader
@@ -144,7 +144,7 @@ class PartRunner:
 
     Args:
         send_part: Uploads one part and returns its ETag; it should stop with
-            :class:`UploadCancelled` once ``cancelled`` is set.
+            :class:`PartStopped` once ``cancelled`` is set.
         concurrency: Parts in flight at once.
     """
 
@@ -188,9 +188,11 @@ class PartRunner:
 
 
 def _first_real_error(failed: list[Future[str]]) -> BaseException:
-    """The error that caused the stop, not the cancellations it triggered."""
+    """The error that caused the stop, not the stops it triggered (a caller's
+    :class:`UploadCancelled` comes after any real failure)."""
     errors = [f.exception() for f in failed]
-    real = [e for e in errors if e is not None and not isinstance(e, UploadCancelled)]
+    real = [e for e in errors if e is not None and not isinstance(e, PartStopped)]
+    real.sort(key=lambda e: isinstance(e, UploadCancelled))
     chosen = (real or errors)[0]
     assert chosen is not None
     return chosen
@@ -204,7 +206,7 @@ class PartUrls:
     being signed wait for it). A second ``get`` of a part (storage said its URL
     expired) signs that part alone. Signing happens outside the lock. When signing a
     batch fails, that thread raises the failure and every other ``get``, waiting or
-    later, raises :class:`UploadCancelled` at once: the upload fails once, and no
+    later, raises :class:`PartStopped` at once: the upload fails once, and no
     worker repeats the failing call.
 
     Args:
@@ -298,8 +300,8 @@ class PartUrls:
         if self._failed:
             raise self._cancelled()
 
-    def _cancelled(self) -> UploadCancelled:
-        return UploadCancelled(self._key, "Part upload stopped because presigning part URLs failed")
+    def _cancelled(self) -> PartStopped:
+        return PartStopped(self._key, "Part upload stopped because presigning part URLs failed")
 
 
 def abort_noting(

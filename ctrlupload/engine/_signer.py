@@ -18,6 +18,8 @@ from ..protocol._objects import StoredPart
 __all__ = [
     "CompletedUpload",
     "MultipartUpload",
+    "SetObject",
+    "SetSigner",
     "SignedPut",
     "Signer",
     "StoredPart",
@@ -55,6 +57,20 @@ class CompletedUpload:
 
     public_url: str
     etag: str
+
+
+@dataclass(frozen=True)
+class SetObject:
+    """One object of a set-level complete: a stored single PUT (``etag`` and
+    ``public_url``) or a multipart upload to assemble (``upload_id`` and ``parts``)."""
+
+    key: str
+    size_bytes: int
+    content_type: str
+    etag: str | None = None
+    public_url: str | None = None
+    upload_id: str | None = None
+    parts: Sequence[tuple[int, str]] = ()
 
 
 @runtime_checkable
@@ -117,4 +133,22 @@ class Signer(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class SetSigner(Protocol):
+    """What a :class:`Signer` may add: recording several objects in one call.
+
+    Optional, so that signers written before it keep working; the engine records a
+    set one object at a time through a signer without it.
+    """
+
+    def complete_set(self, objects: Sequence[SetObject]) -> list[CompletedUpload] | None:
+        """Record every object, or none of them (assembling the multipart ones first).
+
+        Returns:
+            What each object was recorded as, in order; None when this signer offers no
+            set-level complete (the engine then records them one by one).
+        """
         ...

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
-from .._errors import SourceFileError, UploadCancelled
+from .._errors import PartStopped, SourceFileError, UploadCancelled
 
 logger = logging.getLogger("ctrlupload")
 
@@ -42,6 +42,7 @@ __all__ = [
     "ProgressTracker",
     "SourceReader",
     "open_source",
+    "report_end",
 ]
 
 #: Bodies at least this large are hashed on a helper thread, overlapping with sending.
@@ -62,9 +63,28 @@ _MAP_BYTES: Final = 16 * 1024 * 1024
 
 
 class ProgressCallback(Protocol):
-    """Called as ``progress(bytes_done, bytes_total)``, possibly from another thread."""
+    """Called as ``progress(bytes_done, bytes_total)``, possibly from another thread.
+
+    The first call reports 0 with the total; ``bytes_done`` never goes back and reaches
+    ``bytes_total`` only once the upload is recorded. A callback object that also has
+    an ``on_end(ok)`` method gets exactly one call of it when the upload call ends:
+    ``on_end(True)`` after success, ``on_end(False)`` after a failure or a cancel
+    (see :func:`report_end`).
+    """
 
     def __call__(self, bytes_done: int, bytes_total: int, /) -> None: ...
+
+
+def report_end(progress: object, ok: bool) -> None:
+    """Call ``progress.on_end(ok)`` if it has one; its own failure is logged, not raised
+    (the upload's outcome is already decided)."""
+    hook = getattr(progress, "on_end", None)
+    if not callable(hook):
+        return
+    try:
+        hook(ok)
+    except Exception:
+        logger.warning("progress callback's on_end(%s) failed", ok, exc_info=True)
 
 
 class CallbackFailed(Exception):
@@ -389,6 +409,10 @@ class FileWindow:
     raises before the last byte goes out if it has, so storage never completes a body
     that no longer matches the file.
 
+    Before each block it checks two events: ``cancel`` (the caller's: raises
+    :class:`~ctrlupload.UploadCancelled`) and ``cancelled`` (another part of the same
+    upload failed: raises the internal :class:`~ctrlupload._errors.PartStopped`).
+
     It is deliberately not an ``io`` object: requests treats anything iterable as a
     stream of unknown framing, while an object with ``read`` and ``__len__`` gets a
     ``Content-Length``.
@@ -403,9 +427,11 @@ class FileWindow:
         hasher: Md5Hasher | None = None,
         progress: ProgressTracker | None = None,
         cancelled: threading.Event | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self._source = source
         self._cancelled = cancelled
+        self._cancel = cancel
         self._offset = offset
         self._length = length
         self._pos = 0
@@ -538,10 +564,10 @@ class FileWindow:
         remaining = self._length - self._pos
         if remaining <= 0:
             return 0
+        if self._cancel is not None and self._cancel.is_set():
+            raise UploadCancelled(self._source.key)
         if self._cancelled is not None and self._cancelled.is_set():
-            raise UploadCancelled(
-                self._source.key, "Part upload cancelled because another part failed"
-            )
+            raise PartStopped(self._source.key, "Part upload cancelled because another part failed")
         return remaining if size < 0 else min(size, remaining)
 
     def _check_block(self, got: int, want: int) -> None:

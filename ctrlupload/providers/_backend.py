@@ -24,10 +24,13 @@ from .._transport import HttpResult, RetryPolicy, Transport, TransportConfig
 from .._version import __version__
 from ..engine._engine import UploadEngine
 from ..engine._multipart import abort_noting
-from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
+from ..engine._signer import CompletedUpload, MultipartUpload, SetObject, SignedPut
 from ..protocol import (
     CompletedPart,
     CompleteRequest,
+    CompleteSetObject,
+    CompleteSetRequest,
+    CompleteSetResponse,
     DeleteRequest,
     MultipartAbortRequest,
     MultipartCompleteRequest,
@@ -58,6 +61,7 @@ _LABELS: Final = {
     "presign": "Presign request failed",
     "complete": "Complete notification failed",
     "delete": "Delete request failed",
+    "complete-set": "Set complete failed",
     "initiate": "Multipart initiate failed",
     "presign-parts": "Part presign request failed",
     "list-parts": "List parts failed",
@@ -66,6 +70,9 @@ _LABELS: Final = {
 }
 #: What a backend without the multipart extension answers to initiate.
 _NO_MULTIPART_STATUSES: Final = frozenset({404, 405, 501})
+#: The one 404 the set-level complete answers by contract; any other 404 means that
+#: the backend has no such route (the Spring backend's own error JSON included).
+_SET_NO_SUCH_UPLOAD: Final = "no_such_upload"
 #: What list-parts answers for an upload the backend no longer has.
 _GONE_STATUSES: Final = frozenset({404, 410})
 #: The header that makes a retried initiate answer the upload the first one started.
@@ -155,6 +162,59 @@ class BackendSigner:
             request.model_dump(),
             StatusResponse,
         )
+
+    def complete_set(self, objects: Sequence[SetObject]) -> list[CompletedUpload] | None:
+        """Record a render's objects in one ``complete-set`` call, all or none.
+
+        Returns None when the backend lacks the call (405, 501, or a 404 that is not
+        the call's own ``no_such_upload``), as the seed's backends do.
+        """
+        key = objects[0].key if objects else ""
+        request = CompleteSetRequest(
+            objects=[
+                CompleteSetObject(
+                    object_key=item.key,
+                    size_bytes=item.size_bytes,
+                    content_type=item.content_type,
+                    etag=item.etag,
+                    public_url=item.public_url,
+                    upload_id=item.upload_id,
+                    parts=(
+                        None
+                        if item.upload_id is None
+                        else [CompletedPart(part_number=n, etag=e) for n, e in item.parts]
+                    ),
+                )
+                for item in objects
+            ]
+        )
+        result = self._post(
+            key,
+            "complete-set",
+            self._settings.backend_storage_complete_set_path,
+            request.model_dump(exclude_none=True),
+        )
+        if result.status_code in (405, 501) or (
+            result.status_code == 404 and _error_code(result.body) != _SET_NO_SUCH_UPLOAD
+        ):
+            return None
+        answer = decode_backend_answer(
+            key,
+            "complete-set",
+            _LABELS["complete-set"],
+            result.status_code,
+            result.body,
+            result.attempts,
+            CompleteSetResponse,
+        )
+        recorded = [(item.object_key, item) for item in answer.objects]
+        if [name for name, _ in recorded] != [item.key for item in objects]:
+            raise BackendError(
+                key,
+                f"{_LABELS['complete-set']}: the answer does not list the objects sent, in order",
+                phase="complete-set",
+            )
+        return [CompletedUpload(item.public_url, item.etag) for _, item in recorded]
 
     def delete(self, key: str) -> None:
         self._call(
@@ -347,6 +407,16 @@ class BackendSigner:
 def _expires_at(expires_sec: int | None) -> float | None:
     """The backend's ``expires_sec``, counted from now (when it answered)."""
     return None if expires_sec is None else time.time() + expires_sec
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error`` code of a JSON error body, if it has one."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    code = payload.get("error") if isinstance(payload, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _upload_id_in(body: bytes) -> str | None:

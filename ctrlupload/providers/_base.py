@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from types import TracebackType
 from typing import BinaryIO, Protocol, Self, runtime_checkable
@@ -27,6 +28,7 @@ from ..engine._streams import (
     SourceReader,
     object_source,
     open_source,
+    report_end,
 )
 from ..protocol._contract import check_content_type
 
@@ -47,6 +49,7 @@ class BaseStorageProvider(Protocol):
         progress: ProgressCallback | None = None,
         *,
         resume: bool = False,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         """Upload a file from disk; see the concrete providers."""
         ...
@@ -57,6 +60,8 @@ class BaseStorageProvider(Protocol):
         key: str,
         content_type: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         """Upload bytes or a seekable binary file object; see the concrete providers."""
         ...
@@ -117,6 +122,7 @@ class ProviderBase:
         progress: ProgressCallback | None = None,
         *,
         resume: bool = False,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         """Upload the file at ``path`` as ``key``.
 
@@ -128,18 +134,24 @@ class ProviderBase:
                 threads (multipart); see the README for its guarantees.
             resume: Upload in parts and keep a checkpoint under ``STORAGE_RESUME_DIR``,
                 so that a process that died mid-upload sends only the missing parts when
-                it calls again (backend provider; the local provider ignores it).
+                it calls again (engine providers; the local provider ignores it). A
+                Ctrl-C (KeyboardInterrupt) keeps the upload for a resume too.
+            cancel: Set it (from any thread) to stop the upload within one send block;
+                the call then raises :class:`~ctrlupload.UploadCancelled`, and a
+                multipart upload is aborted, resumable or not.
 
         Returns:
             The stored object.
 
         Raises:
             StorageUploadError: Any failure, as the subclass that says what failed.
+            UploadCancelled: ``cancel`` was set.
         """
-        key, content_type = self._prepare(key, content_type)
-        resume_path = os.path.abspath(path) if resume else None
-        with open_source(key, path) as source, _callback_errors_unwrapped():
-            return self._store(source, key, content_type, progress, resume_path)
+        with _ending(progress):
+            key, content_type = self._prepare(key, content_type)
+            resume_path = os.path.abspath(path) if resume else None
+            with open_source(key, path) as source, _callback_errors_unwrapped():
+                return self._store(source, key, content_type, progress, resume_path, cancel)
 
     def put_object(
         self,
@@ -147,6 +159,8 @@ class ProviderBase:
         key: str,
         content_type: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         """Upload bytes, or a seekable binary file object from its current position.
 
@@ -155,16 +169,19 @@ class ProviderBase:
             key: The object key; checked against the key rules first.
             content_type: Defaults to a type guessed from the key's extension.
             progress: As for :meth:`put_file`.
+            cancel: As for :meth:`put_file`.
 
         Returns:
             The stored object.
 
         Raises:
             StorageUploadError: Any failure, as the subclass that says what failed.
+            UploadCancelled: ``cancel`` was set.
         """
-        key, content_type = self._prepare(key, content_type)
-        with object_source(key, data) as source, _callback_errors_unwrapped():
-            return self._store(source, key, content_type, progress)
+        with _ending(progress):
+            key, content_type = self._prepare(key, content_type)
+            with object_source(key, data) as source, _callback_errors_unwrapped():
+                return self._store(source, key, content_type, progress, None, cancel)
 
     def _prepare(self, key: str, content_type: str | None) -> tuple[str, str]:
         self._check_open()
@@ -192,6 +209,7 @@ class ProviderBase:
         content_type: str,
         progress: ProgressCallback | None,
         resume_path: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         raise NotImplementedError
 
@@ -232,8 +250,20 @@ class EngineProvider(ProviderBase):
         content_type: str,
         progress: ProgressCallback | None,
         resume_path: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
-        return self.engine.upload(source, key, content_type, progress, resume_path)
+        return self.engine.upload(source, key, content_type, progress, resume_path, cancel)
+
+
+@contextlib.contextmanager
+def _ending(progress: ProgressCallback | None) -> Iterator[None]:
+    """Tell the progress callback how the call ended (its optional ``on_end``)."""
+    try:
+        yield
+    except BaseException:
+        report_end(progress, False)
+        raise
+    report_end(progress, True)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -90,13 +91,14 @@ class LocalStorageProvider(ProviderBase):
         content_type: str,
         progress: ProgressCallback | None,
         resume_path: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> StorageResult:
         check_size_limit(key, source.size, self.settings.video_max_upload_bytes)
         tracker = ProgressTracker(source.size, progress)
         tracker.start()
         target = self._path(key)
         hasher = Md5Hasher(threaded=False)
-        window = FileWindow(source, 0, source.size, hasher=hasher, progress=tracker)
+        window = FileWindow(source, 0, source.size, hasher=hasher, progress=tracker, cancel=cancel)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             temp_path, fd = _create_temp_beside(target)

@@ -35,7 +35,7 @@ from .._s3 import FailureKind, ObjectStoreError, S3Bucket, failure_kind, region_
 from .._settings import Settings, StorageProvider
 from .._transport import HttpResult
 from ..engine._engine import UploadEngine
-from ..engine._signer import CompletedUpload, MultipartUpload, SignedPut
+from ..engine._signer import CompletedUpload, MultipartUpload, SetObject, SignedPut
 from ..protocol import s3_error_fields, s3_error_region
 from ..protocol._objects import InvalidPart, NoSuchUpload, PartsPage, StoredPart, all_parts
 from ._backend import transport_for
@@ -105,6 +105,25 @@ class S3Signer:
         self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
     ) -> None:
         """Nothing to record: S3's answer to the PUT (checked by the engine) is the record."""
+
+    def complete_set(self, objects: Sequence[SetObject]) -> list[CompletedUpload]:
+        """Assemble the multipart uploads in order; S3 itself has nothing else to record.
+
+        Not atomic: S3 has no transaction. A failure leaves the earlier objects
+        assembled, which ``upload_render`` deletes again.
+        """
+        done: list[CompletedUpload] = []
+        for item in objects:
+            if item.upload_id is None:
+                assert item.etag is not None and item.public_url is not None
+                done.append(CompletedUpload(item.public_url, item.etag))
+            else:
+                done.append(
+                    self.complete_multipart(
+                        item.key, item.upload_id, item.parts, item.size_bytes, item.content_type
+                    )
+                )
+        return done
 
     def delete(self, key: str) -> None:
         try:
