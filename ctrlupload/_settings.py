@@ -305,19 +305,24 @@ class Settings(BaseModel):
             The loaded settings.
 
         Raises:
-            StorageConfigError: A variable has a bad value; the message names it and
-                never repeats a secret.
+            StorageConfigError: A variable has a bad value; the message names it, says
+                where its value came from (``from the environment`` or ``from .env at
+                /abs/path/.env``) and never repeats a secret.
         """
         source = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         if dotenv_path is not None and Path(dotenv_path).is_file():
-            values.update(
-                (name, value)
-                for name, value in dotenv_values(dotenv_path).items()
-                if name in _ENV_NAMES and value is not None
-            )
-        values.update((name, source[name]) for name in _ENV_NAMES if name in source)
-        return cls.from_mapping(values)
+            from_file = f"from .env at {Path(dotenv_path).absolute()}"
+            for name, value in dotenv_values(dotenv_path).items():
+                if name in _ENV_NAMES and value is not None:
+                    values[name] = value
+                    origins[name] = from_file
+        for name in _ENV_NAMES:
+            if name in source:
+                values[name] = source[name]
+                origins[name] = "from the environment"
+        return cls._from_values(values, origins)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
@@ -332,12 +337,21 @@ class Settings(BaseModel):
         Raises:
             StorageConfigError: A value is invalid or a name is unknown.
         """
+        return cls._from_values(values, {})
+
+    @classmethod
+    def _from_values(cls, values: Mapping[str, Any], origins: Mapping[str, str]) -> Settings:
+        """Validate ``values``; a failure names the variable and, from ``origins``,
+        where its value came from ("from the environment")."""
         try:
             return cls.model_validate(dict(values))
         except ValidationError as exc:
             errors = exc.errors(include_input=False, include_url=False)
-        variable = ".".join(str(part) for part in errors[0]["loc"])
-        message = f"Invalid setting {variable}: {errors[0]['msg']}"
+        variable = ".".join(str(part) for part in errors[0]["loc"]) or None
+        origin = origins.get(variable or "")
+        where = f" ({origin})" if origin else ""
+        name = f"setting {variable}" if variable else "settings"
+        message = f"Invalid {name}{where}: {errors[0]['msg']}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problems)"
         # Raised outside the except block: the pydantic error quotes the input, which
