@@ -140,6 +140,19 @@ class _LenientRetry(Retry):
             logger.debug("ignoring unparsable Retry-After %r", retry_after[:64])
             return 0.0  # falsy: sleep falls back to the exponential backoff
 
+    def get_backoff_time(self) -> float:
+        """``backoff_s * 2**(retry - 1)``, capped: 0.5, 1, 2, 4 s for the default 0.5.
+
+        urllib3's own formula skips the wait before the first retry, which repeats a
+        refused or reset request at once, into the same fault.
+        """
+        errors = len(
+            list(itertools.takewhile(lambda h: h.redirect_location is None, reversed(self.history)))
+        )
+        if errors < 1:
+            return 0.0
+        return float(min(self.backoff_max, self.backoff_factor * 2 ** (errors - 1)))
+
     def sleep(self, response: urllib3.response.BaseHTTPResponse | None = None) -> None:
         wait: float | None = None
         if self.respect_retry_after_header and response:
