@@ -10,8 +10,8 @@
         ├── UploadTooLargeError   the body exceeds VIDEO_MAX_UPLOAD_BYTES (phase "validate")
         ├── SourceFileError       the file is missing, unreadable or changed (phase "source")
         ├── BackendError          a backend call failed (phase "presign", "complete",
-        │                         "delete", "initiate", "presign-parts", "list-parts",
-        │                         "complete-multipart" or "abort")
+        │                         "delete", "complete-set", "initiate", "presign-parts",
+        │                         "list-parts", "complete-multipart" or "abort")
         ├── StorageTransferError  the PUT to the presigned URL failed    (phase "upload")
         ├── RenderUploadError     upload_render: one asset failed; ``.asset`` names it
         ├── IntegrityError        storage's ETag disagrees with what was sent (phase "integrity")
@@ -79,7 +79,7 @@ class StorageUploadError(StorageError):
         key: The object key the operation was for.
         reason: The human-readable reason, without the key prefix.
         phase: Which step failed: ``validate``, ``source``, ``presign``, ``upload``,
-            ``integrity``, ``complete``, ``delete``, or for multipart uploads
+            ``integrity``, ``complete``, ``delete``, ``complete-set``, or for multipart uploads
             ``initiate``, ``presign-parts``, ``list-parts``, ``complete-multipart``
             or ``abort``.
         status_code: The HTTP status that caused the failure, when there was one.
