@@ -183,10 +183,18 @@ def test_a_seed_only_backend_gets_complete_asset_by_asset_after_every_put(
 
 
 def test_the_local_provider_writes_the_render(
-    tmp_path: Path, render_files: dict[str, Path]
+    tmp_path: Path, render_files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with LocalStorageProvider(Settings(storage_local_root=tmp_path / "store")) as storage:
+    with (
+        caplog.at_level(logging.INFO, logger="ctrlupload"),
+        LocalStorageProvider(Settings(storage_local_root=tmp_path / "store")) as storage,
+    ):
         result = upload_render(storage, *IDS, video=render_files["video"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctrlupload"]
+    assert any(
+        line.startswith(f"uploaded {KEYS['video']}: 15.0 MiB in ") and line.endswith(", 1 attempt)")
+        for line in lines
+    )
     assert result.subtitles is None and result.thumbnail is None
     assert result.video is not None
     assert (tmp_path / "store" / KEYS["video"]).read_bytes() == render_files["video"].read_bytes()

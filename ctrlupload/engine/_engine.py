@@ -76,6 +76,7 @@ __all__ = [
     "StorageResult",
     "UploadEngine",
     "check_size_limit",
+    "log_finished",
 ]
 
 logger = logging.getLogger("ctrlupload")
@@ -122,6 +123,20 @@ def check_size_limit(key: str, size: int, limit: int) -> None:
         raise UploadTooLargeError(
             key, f"File size {shown} exceeds limit {cap} (VIDEO_MAX_UPLOAD_BYTES={limit})"
         )
+
+
+def log_finished(key: str, size: int, started: float, attempts: int) -> None:
+    """The one INFO line of a finished upload: key, size, time, rate and attempts."""
+    took = time.monotonic() - started
+    logger.info(
+        "uploaded %s: %s in %.2f s (%s, %d attempt%s)",
+        key,
+        format_size(size),
+        took,
+        format_rate(size, took),
+        attempts,
+        "" if attempts == 1 else "s",
+    )
 
 
 @dataclass
@@ -341,15 +356,7 @@ class UploadEngine:
         if staged.slot is not None:
             staged.slot.delete()
         staged.tracker.finish()
-        took = time.monotonic() - staged.started
-        logger.info(
-            "uploaded %s: %s in %.2f s (%s, %d attempts)",
-            staged.key,
-            format_size(staged.size_bytes),
-            took,
-            format_rate(staged.size_bytes, took),
-            staged.attempts,
-        )
+        log_finished(staged.key, staged.size_bytes, staged.started, staged.attempts)
         return StorageResult(
             key=staged.key,
             url=public_url,

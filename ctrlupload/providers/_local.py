@@ -6,13 +6,14 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 from .._errors import StorageUploadError
 from .._keys import validate_key
 from .._settings import Settings
-from ..engine._engine import StorageResult, check_size_limit
+from ..engine._engine import StorageResult, check_size_limit, log_finished
 from ..engine._streams import (
     FileWindow,
     Md5Hasher,
@@ -94,6 +95,7 @@ class LocalStorageProvider(ProviderBase):
         cancel: threading.Event | None = None,
     ) -> StorageResult:
         check_size_limit(key, source.size, self.settings.video_max_upload_bytes)
+        started = time.monotonic()
         tracker = ProgressTracker(source.size, progress)
         tracker.start()
         target = self._path(key)
@@ -122,6 +124,7 @@ class LocalStorageProvider(ProviderBase):
                 ) from exc
             raise
         tracker.finish()
+        log_finished(key, source.size, started, 1)
         return StorageResult(
             key=key,
             url=self.get_url(key),
