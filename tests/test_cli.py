@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -29,9 +30,10 @@ import ctrlupload
 from ctrlupload import BackendPresignedStorageProvider
 from ctrlupload import _cli as cli
 from ctrlupload.server import AssetDB, ReferenceServer
-from tests.conftest import backend_settings, wait_until
+from tests.conftest import TOKEN, backend_settings, wait_until
 from tests.support.raw_client import hang_up, presign_put, start_partial_put
 from tests.support.serve_process import ServeProcess, child_env
+from tests.support.servers import PRESIGN_PATH, FakeBackend, Status
 
 _SETTING_PREFIXES = ("STORAGE_", "BACKEND_", "VIDEO_")
 _SUBPROCESS_TIMEOUT_S = 60
@@ -75,7 +77,7 @@ class _TTYStringIO(io.StringIO):
 
 _DEMO_OK = re.compile(
     r"^  ok   (?P<key>videos/V-DEMO/S-001/(?P<job>JOB-\d{8}-\d{6})/(?P<name>[a-z]+\.[a-z0-9]+))"
-    r"\s+(?P<size>\d+) B\s+[\d.]+ ms\s+md5 (?P<md5>[0-9a-f]{32})$"
+    r"\s+(?P<size>\d+) B\s+md5 (?P<md5>[0-9a-f]{32})$"
 )
 _DEMO_URL = re.compile(r"^       (?P<url>http://127\.0\.0\.1:\d+/files/\S+)$")
 _DEMO_ROW = re.compile(
@@ -147,6 +149,56 @@ def test_demo_as_python_m_ctrlupload_exits_0(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     _check_demo_output(done.stdout, video_bytes=MIB)
+
+
+def test_demo_respects_video_max_upload_bytes(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VIDEO_MAX_UPLOAD_BYTES", str(MIB))
+
+    # An explicit size over the limit: say which setting to raise, before any upload.
+    assert cli.main(["demo", "--video-mib", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"ctrlupload: error: --video-mib 2 makes a {2 * MIB}-byte video, more than "
+        f"VIDEO_MAX_UPLOAD_BYTES={MIB}; raise VIDEO_MAX_UPLOAD_BYTES or pass a smaller "
+        "--video-mib\n"
+    )
+
+    # No size given: the sample video is made to fit (1 MiB, not the usual 4).
+    assert cli.main(["demo"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    _check_demo_output(out, video_bytes=MIB)
+
+
+def test_demo_with_a_limit_below_its_thumbnail_says_what_to_raise(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VIDEO_MAX_UPLOAD_BYTES", "1000")
+
+    assert cli.main(["demo"]) == 1
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "ctrlupload: error: VIDEO_MAX_UPLOAD_BYTES=1000 is less than the demo's "
+        "30013-byte thumbnail; raise VIDEO_MAX_UPLOAD_BYTES to at least 30013\n"
+    )
+
+
+def test_demo_takes_an_empty_video_and_refuses_a_negative_size(
+    cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["demo", "--video-mib", "0"]) == 0
+    out, _ = capsys.readouterr()
+    _check_demo_output(out, video_bytes=0)
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo", "--video-mib", "-1"])
+    assert exited.value.code == 2
+    assert "argument --video-mib: '-1' must not be negative" in capsys.readouterr().err
 
 
 # -- serve -----------------------------------------------------------------------------
@@ -485,6 +537,135 @@ def test_text_progress_of_an_empty_file_shows_100_percent(monkeypatch: pytest.Mo
     assert "100.0% 0.0/0.0 MiB" in stream.getvalue()
 
 
+def test_put_resume_goes_up_in_parts_with_a_checkpoint(
+    cli_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_file: Callable[..., Path],
+    reference_server: ReferenceServer,
+) -> None:
+    source = make_file(MIB + 3, "video.mp4")
+    key = "videos/V-1/S-1/JOB-R/video.mp4"
+    monkeypatch.setenv("STORAGE_PROVIDER", "backend_presigned")
+    monkeypatch.setenv("BACKEND_BASE_URL", reference_server.base_url)
+    monkeypatch.setenv("BACKEND_SERVICE_TOKEN", reference_server.token)
+    monkeypatch.setenv("STORAGE_RESUME_DIR", str(cli_env / "resume"))
+
+    status = cli.main(["put", "--resume", str(source), key])
+
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == f"{reference_server.base_url}/files/{key}\n"
+    row = reference_server.db.get(key)
+    assert row is not None
+    # Under the multipart threshold, so without --resume this would be one PUT; with
+    # it the upload goes in parts (the ETag of a one-part upload ends "-1").
+    assert row.etag.endswith('-1"'), row.etag
+    assert (cli_env / "resume").is_dir()
+
+    assert cli.main(["put", str(source), key.replace("JOB-R", "JOB-P")]) == 0
+    plain = reference_server.db.get(key.replace("JOB-R", "JOB-P"))
+    assert plain is not None
+    assert plain.etag == f'"{hashlib.md5(source.read_bytes()).hexdigest()}"'
+
+
+def test_put_shows_each_retry_on_stderr(
+    cli_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_file: Callable[..., Path],
+    backend: FakeBackend,
+) -> None:
+    source = make_file(1000, "thumb.jpg")
+    backend.inject(PRESIGN_PATH, Status(503), Status(503))
+    monkeypatch.setenv("STORAGE_PROVIDER", "backend_presigned")
+    monkeypatch.setenv("BACKEND_BASE_URL", backend.base_url)
+    monkeypatch.setenv("BACKEND_SERVICE_TOKEN", TOKEN)
+    monkeypatch.setenv("STORAGE_RETRY_BACKOFF_S", "0")
+
+    status = cli.main(["put", str(source), "videos/V-1/S-1/JOB-1/thumb.jpg"])
+
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.startswith("https://cdn.example.test/")
+    assert err.splitlines() == [
+        f"ctrlupload: POST {backend.base_url}{PRESIGN_PATH}: retrying in 0.0 s "
+        f"(attempt {n}/5): HTTP 503"
+        for n in (2, 3)
+    ]
+    assert TOKEN not in err
+
+
+def test_put_retry_lines_go_above_the_progress_bar(
+    cli_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_file: Callable[..., Path],
+    backend: FakeBackend,
+) -> None:
+    source = make_file(MIB, "video.mp4")
+    backend.storage.inject(Status(503))
+    monkeypatch.setenv("STORAGE_PROVIDER", "backend_presigned")
+    monkeypatch.setenv("BACKEND_BASE_URL", backend.base_url)
+    monkeypatch.setenv("BACKEND_SERVICE_TOKEN", TOKEN)
+    monkeypatch.setenv("STORAGE_RETRY_BACKOFF_S", "0")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    terminal = _TTYStringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    status = cli.main(["put", str(source), "videos/V-1/S-1/JOB-1/video.mp4"])
+
+    assert status == 0
+    lines = terminal.getvalue().split("\n")
+    retry = next(i for i, line in enumerate(lines) if "retrying in" in line)
+    # The retry stands on a line of its own, the bar goes on below it.
+    assert lines[retry].startswith("ctrlupload: PUT ")
+    assert lines[retry].endswith(": retrying in 0.0 s (attempt 2/5): HTTP 503")
+    assert "100.0% 1.0/1.0 MiB" in lines[retry + 1]
+    assert terminal.getvalue().endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        (
+            {"BACKEND_BASE_URL": "http://backend:8080"},
+            "BACKEND_BASE_URL is set but STORAGE_PROVIDER is local (the default)",
+        ),
+        (
+            {
+                "STORAGE_PROVIDER": "local",
+                "BACKEND_BASE_URL": "http://backend:8080",
+                "BACKEND_SERVICE_TOKEN": "tok-123456",
+            },
+            "BACKEND_BASE_URL and BACKEND_SERVICE_TOKEN are set but STORAGE_PROVIDER=local",
+        ),
+    ],
+    ids=["default-provider", "explicit-local"],
+)
+def test_put_warns_when_backend_settings_are_set_but_the_provider_is_local(
+    cli_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_file: Callable[..., Path],
+    env: dict[str, str],
+    said: str,
+) -> None:
+    source = make_file(100, "thumb.jpg")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STORAGE_LOCAL_ROOT", str(cli_env / "store"))
+
+    status = cli.main(["put", str(source), "videos/V-1/S-1/JOB-1/thumb.jpg"])
+
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert out.startswith("file://")
+    assert err == (
+        f"ctrlupload: warning: {said}; set STORAGE_PROVIDER=backend_presigned to use the backend\n"
+    )
+    assert "tok-123456" not in err
+
+
 # -- misc ------------------------------------------------------------------------------
 
 
@@ -550,4 +731,58 @@ def test_serve_refuses_a_short_signing_secret(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "CTRLUPLOAD_SIGNING_SECRET is 5 bytes; it needs at least 32" in done.stderr
     assert "short" not in done.stderr.replace("is 5 bytes", "")
+    assert "Traceback" not in done.stderr
+
+
+#: Each numeric flag of serve: values below and past its bounds, and the largest it takes.
+_SERVE_BOUNDS = [
+    ("--port", "-1", "65536", "65535"),
+    ("--url-expiry-s", "0", "604801", "604800"),
+    ("--max-put-bytes", "0", str(5 * 1024**4 + 1), str(5 * 1024**4)),
+    ("--max-object-bytes", "0", str(5 * 1024**4 + 1), str(5 * 1024**4)),
+    ("--min-part-bytes", "0", str(5 * 1024**3 + 1), str(5 * 1024**3)),
+    ("--part-bytes", "0", str(5 * 1024**3 + 1), str(5 * 1024**3)),
+    ("--threads", "0", "4097", "4096"),
+    ("--max-connections", "0", "1000001", "1000000"),
+    ("--backlog", "0", "100000000000000000000", "65535"),
+    ("--header-timeout-s", "0", "1e300", "86400"),
+    ("--idle-timeout-s", "0", "1e300", "86400"),
+    ("--shutdown-timeout-s", "-0.5", "1e300", "86400"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "too_small", "too_large", "largest"),
+    _SERVE_BOUNDS,
+    ids=[bounds[0] for bounds in _SERVE_BOUNDS],
+)
+def test_serve_numeric_flags_out_of_bounds_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], flag: str, too_small: str, too_large: str, largest: str
+) -> None:
+    parser = cli._parser()
+
+    for value in (too_small, too_large, "x"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["serve", flag, value])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"ctrlupload serve: error: argument {flag}: '{value}' " in err
+        assert "Traceback" not in err
+    args = parser.parse_args(["serve", flag, largest])
+    assert float(getattr(args, _dest(parser, flag))) == float(largest)
+
+
+def _dest(parser: Any, flag: str) -> str:
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    return next(a.dest for a in serve._actions if flag in a.option_strings)
+
+
+def test_serve_with_a_huge_backlog_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    done = _run_cli(
+        "serve", "--port", "0", "--backlog", str(2**70), cwd=tmp_path, env=_settings_free_env()
+    )
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "argument --backlog: " in done.stderr
     assert "Traceback" not in done.stderr
