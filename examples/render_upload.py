@@ -5,6 +5,9 @@ With no configuration at all this uses the ``local`` provider and writes under
 ``BACKEND_SERVICE_TOKEN`` (in the environment or ``.env``) to go through a backend.
 
     python examples/render_upload.py
+
+``upload_render`` sends the three files at once, all or nothing: if one fails, the
+others are removed again. Ctrl-C cancels the same way.
 """
 
 from __future__ import annotations
@@ -12,11 +15,17 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ctrlupload import StorageUploadError, get_storage_provider, render_asset_key
+from ctrlupload import (
+    StorageConfigError,
+    StorageError,
+    UploadCancelled,
+    get_storage_provider,
+    upload_render,
+)
 
 SUBTITLES = "1\n00:00:00,000 --> 00:00:02,000\nHello from ctrlupload\n"
 
@@ -34,26 +43,44 @@ def make_sample_render(folder: Path) -> dict[str, Path]:
 
 def main() -> int:
     job = time.strftime("JOB-%Y%m%d-%H%M%S")
-    with tempfile.TemporaryDirectory() as tmp, get_storage_provider() as storage:
-        assets = make_sample_render(Path(tmp))
+    try:
+        storage = get_storage_provider()
+    except StorageConfigError as exc:
+        # A missing or bad setting: say which, without a traceback.
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    cancel = threading.Event()  # set it (from any thread) to stop and remove everything
+    with tempfile.TemporaryDirectory() as tmp, storage:
+        files = make_sample_render(Path(tmp))
         print(f"provider: {storage!r}")
-
-        def upload(item: tuple[str, Path]) -> str:
-            asset, path = item
-            key = render_asset_key("V-001", "S-001", job, asset)  # type: ignore[arg-type]
-            started = time.perf_counter()
-            result = storage.put_file(path, key)
-            took = time.perf_counter() - started
-            return f"{result.key}  {result.size_bytes:>9} bytes  {took:6.3f}s  {result.url}"
-
+        started = time.perf_counter()
         try:
-            # One provider, shared by a thread pool, the way renderers use it.
-            with ThreadPoolExecutor(max_workers=3) as pool:
-                for line in pool.map(upload, assets.items()):
-                    print(line)
-        except StorageUploadError as exc:
-            print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+            render = upload_render(
+                storage,
+                "V-001",
+                "S-001",
+                job,
+                video=files["video"],
+                subtitles=files["subtitles"],
+                thumbnail=files["thumbnail"],
+                cancel=cancel,
+            )
+        except UploadCancelled as exc:
+            print(f"cancelled: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            # upload_render stopped the uploads and removed what they had stored.
+            print("interrupted: nothing was kept", file=sys.stderr)
+            return 130
+        except StorageError as exc:
+            code = getattr(exc, "code", "STORAGE_ERROR")
+            print(f"error [{code}]: {exc}", file=sys.stderr)
+            return 1
+        took = time.perf_counter() - started
+    for name, result in render.as_dict().items():
+        if result is not None:
+            print(f"{name:<10} {result['key']}  {result['size_bytes']:>9} bytes  {result['url']}")
+    print(f"stored in {took:.3f} s")
     return 0
 
 
