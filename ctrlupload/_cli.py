@@ -500,22 +500,42 @@ def _put(args: argparse.Namespace) -> int:
         bar = _progress_bar(args.file.name, sys.stderr) if show_progress else None
         with _retry_lines(sys.stderr, bar):
             try:
-                result = _cancellable(
-                    lambda cancel: storage.put_file(
-                        args.file,
-                        args.key,
-                        content_type=args.content_type,
-                        progress=bar,
-                        resume=args.resume,
-                        cancel=cancel,
-                    ),
-                    bar,
-                )
+                if args.resume:
+                    # Ctrl-C interrupts the upload where it is and keeps it, with its
+                    # checkpoint, for the same command to resume; cancelling would abort.
+                    result = _resumable_put(storage, args, bar)
+                else:
+                    result = _cancellable(
+                        lambda cancel: storage.put_file(
+                            args.file,
+                            args.key,
+                            content_type=args.content_type,
+                            progress=bar,
+                            cancel=cancel,
+                        ),
+                        bar,
+                    )
             finally:
                 if bar is not None:
                     bar.close()
     print(result.url)
     return 0
+
+
+def _resumable_put(storage: Any, args: argparse.Namespace, bar: Any) -> Any:
+    try:
+        return storage.put_file(
+            args.file, args.key, content_type=args.content_type, progress=bar, resume=True
+        )
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(
+            "ctrlupload: interrupted; the upload is kept: run the same command again to "
+            "send only the missing parts",
+            file=sys.stderr,
+        )
+        raise
 
 
 def _render(args: argparse.Namespace) -> int:

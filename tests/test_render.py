@@ -463,6 +463,34 @@ def test_put_file_cancel_aborts_a_multipart_upload(
     assert_nothing_left(reference)
 
 
+def test_ctrl_c_keeps_a_resumable_upload_and_the_same_call_resumes_it(
+    reference: LocalBackend, render_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Unlike cancel=, a KeyboardInterrupt during put_file(resume=True) keeps the upload."""
+    data = render_files["video"].read_bytes()
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= PART:
+            raise KeyboardInterrupt
+
+    resume = {"STORAGE_RESUME_DIR": str(tmp_path / "resume"), "STORAGE_MULTIPART_CONCURRENCY": 1}
+    with reference_provider(reference, **resume) as storage:
+        calls = CallLog(storage)
+        with pytest.raises(KeyboardInterrupt):
+            storage.put_file(render_files["video"], KEYS["video"], progress=interrupt, resume=True)
+        assert calls.count("multipart/abort") == 0
+        pending = [row for row in reference.db.uploads() if not row.completed]
+        assert len(pending) == 1
+        assert list((tmp_path / "resume").iterdir())
+    with reference_provider(reference, **resume) as storage:
+        calls = CallLog(storage)
+        result = storage.put_file(render_files["video"], KEYS["video"], resume=True)
+    assert calls.count("multipart/initiate") == 0 and calls.count("multipart/list-parts") == 1
+    assert stored_bytes(reference, KEYS["video"]) == data
+    assert result.size_bytes == len(data)
+    assert list((tmp_path / "resume").iterdir()) == []
+
+
 def test_cancel_ends_a_retry_wait_at_once(
     make_file: Callable[[int, str], Path],
     caplog: pytest.LogCaptureFixture,
