@@ -318,10 +318,7 @@ class UploadEngine:
                     self._finished(item, answer.public_url, answer.etag)
                     for item, answer in zip(staged, answers, strict=True)
                 ]
-            with self._flags_lock:
-                first = not self._no_complete_set
-                self._no_complete_set = True
-            if first:
+            if self._learn("_no_complete_set"):
                 logger.info(
                     "%r offers no set-level complete: recording a render's objects one by "
                     "one for the life of this provider",
@@ -364,6 +361,13 @@ class UploadEngine:
             content_type=staged.content_type,
             etag=etag,
         )
+
+    def _learn(self, flag: str) -> bool:
+        """Set a learnt-once flag (``_no_multipart``...); True for the first to set it."""
+        with self._flags_lock:
+            first = not getattr(self, flag)
+            setattr(self, flag, True)
+        return first
 
     def _after_commit_failure(self, staged: StagedUpload, error: BaseException) -> None:
         """After a failed or cancelled record: keep a resumable upload, else clean up."""
@@ -630,10 +634,7 @@ class UploadEngine:
                 "and STORAGE_MULTIPART=always",
                 phase="initiate",
             )
-        with self._flags_lock:
-            first = not self._no_multipart
-            self._no_multipart = True
-        if first:
+        if self._learn("_no_multipart"):
             logger.info(
                 "%r offers no multipart uploads: using single PUTs (up to 5 GiB) for the "
                 "life of this provider",
