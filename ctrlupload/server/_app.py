@@ -7,6 +7,9 @@ threaded, HTTP/1.1 keep-alive). Routes:
   internal API, bearer-token protected (``openapi.yaml`` beside this file).
 * ``POST {multipart initiate | presign-parts | list-parts | complete | abort path}``:
   the multipart extension (issue 4), protected and validated the same way.
+* ``POST {complete-set path}``: records a set of objects (a render's video, subtitles
+  and thumbnail), stored single PUTs and multipart uploads to assemble, all or none,
+  in one SQLite transaction (issue 10).
 * ``PUT /upload/{key}``, ``PUT /upload-part/{upload_id}/{n}`` and ``GET /files/{key}``:
   signed uploads and public downloads for a store that serves them itself (the local
   store); a store whose URLs point at S3 says so (``NotServedHere``) and they get 404.
@@ -20,9 +23,10 @@ store holds before assembling (ascending unique numbers, matching ETags, every p
 the last at least ``min_part_bytes``, sizes adding up to ``size_bytes``), and is safe to
 repeat: a completed upload answers the same success to the same part list.
 
-Recording an object (``complete``, a multipart completion) and deleting one take a lock
-per key (striped), so a delete racing a completion never leaves a row for an object
-that is gone.
+Recording an object (``complete``, a multipart completion, ``complete-set``) and deleting
+one take a lock per key (striped), so a delete racing a completion never leaves a row for
+an object that is gone. ``complete-set`` holds the locks of all its keys (and uploads) at
+once, taken in one fixed order.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from .._settings import Settings
 from ..protocol._contract import (
     CompletedPart,
     CompleteRequest,
+    CompleteSetObject,
+    CompleteSetRequest,
     DeleteRequest,
     MultipartAbortRequest,
     MultipartCompleteRequest,
@@ -65,7 +71,7 @@ from ..protocol._parts import (
     choose_part_size,
     multipart_etag,
 )
-from ._db import AssetDB, AssetRow, UploadRow
+from ._db import AssetDB, AssetRecord, AssetRow, UploadRow
 from ._locks import StripedLocks
 from ._store import (
     MAX_LIST_PARTS,
@@ -109,6 +115,7 @@ class ApiPaths:
     presign: str = _DEFAULTS.backend_storage_presign_path
     complete: str = _DEFAULTS.backend_storage_complete_path
     delete: str = _DEFAULTS.backend_storage_delete_path
+    complete_set: str = _DEFAULTS.backend_storage_complete_set_path
     multipart_initiate: str = _DEFAULTS.backend_storage_multipart_initiate_path
     multipart_presign: str = _DEFAULTS.backend_storage_multipart_presign_path
     multipart_list: str = _DEFAULTS.backend_storage_multipart_list_path
@@ -161,7 +168,7 @@ class ReferenceBackend:
     """The seed's backend: presigns uploads, records completions, deletes.
 
     It also runs the multipart extension: initiate, presign parts, list parts,
-    complete and abort.
+    complete and abort; and the set-level complete.
 
     Args:
         token: The service token clients must present as ``Bearer``.
@@ -227,6 +234,7 @@ class ReferenceBackend:
             self.paths.presign: lambda request, _: self._presign(request),
             self.paths.complete: lambda request, _: self._complete(request),
             self.paths.delete: lambda request, _: self._delete(request),
+            self.paths.complete_set: lambda request, _: self._complete_set(request),
             self.paths.multipart_initiate: self._multipart_initiate,
             self.paths.multipart_presign: lambda request, _: self._multipart_presign(request),
             self.paths.multipart_list: lambda request, _: self._multipart_list(request),
@@ -237,13 +245,14 @@ class ReferenceBackend:
             self.paths.presign: PresignRequest,
             self.paths.complete: CompleteRequest,
             self.paths.delete: DeleteRequest,
+            self.paths.complete_set: CompleteSetRequest,
             self.paths.multipart_initiate: MultipartInitiateRequest,
             self.paths.multipart_presign: MultipartPresignRequest,
             self.paths.multipart_list: MultipartListRequest,
             self.paths.multipart_complete: MultipartCompleteRequest,
             self.paths.multipart_abort: MultipartAbortRequest,
         }
-        if len(self._api) != 8:
+        if len(self._api) != 9:
             raise ValueError("the internal API paths must be distinct")
 
     def __repr__(self) -> str:
@@ -316,10 +325,11 @@ class ReferenceBackend:
             request = self._models[path].model_validate(payload, strict=True)
         except ValidationError as exc:
             raise _HttpError(400, "bad_request", _describe_validation(exc)) from None
-        try:
-            validate_key(request.object_key)  # type: ignore[attr-defined]
-        except InvalidKeyError as exc:
-            raise _HttpError(400, "bad_request", f"object_key: {exc.reason}") from None
+        for field, key in _object_keys(request):
+            try:
+                validate_key(key)
+            except InvalidKeyError as exc:
+                raise _HttpError(400, "bad_request", f"{field}: {exc.reason}") from None
         return _json(start_response, 200, self._api[path](request, environ))
 
     def _presign(self, request: PresignRequest) -> dict[str, Any]:
@@ -342,41 +352,118 @@ class ReferenceBackend:
 
     def _complete(self, request: CompleteRequest) -> dict[str, Any]:
         with self._key_lock(request.object_key):
-            return self._record_complete(request)
-
-    def _record_complete(self, request: CompleteRequest) -> dict[str, Any]:
-        stored = self.store.head(request.object_key)
-        if stored is None:
-            raise _HttpError(
-                409, "object_mismatch", f"object '{request.object_key}' is not in storage"
+            stored = self._verify_stored(request.object_key, request.size_bytes, request.etag)
+            self.db.upsert(
+                request.object_key,
+                stored.etag,
+                stored.size_bytes,
+                request.content_type,
+                request.public_url,
             )
-        if stored.size_bytes != request.size_bytes:
-            raise _HttpError(
-                409,
-                "object_mismatch",
-                f"object '{request.object_key}' holds {stored.size_bytes} bytes, "
-                f"not {request.size_bytes}",
-            )
-        if bare_etag(stored.etag) != bare_etag(request.etag):
-            raise _HttpError(
-                409,
-                "object_mismatch",
-                f"object '{request.object_key}' has ETag {stored.etag}, not {request.etag}",
-            )
-        self.db.upsert(
-            request.object_key,
-            stored.etag,
-            stored.size_bytes,
-            request.content_type,
-            request.public_url,
-        )
         return {"status": "ok"}
+
+    def _verify_stored(self, key: str, size_bytes: int, etag: str) -> ObjectInfo:
+        """What the store holds under ``key``; 409 unless it has this size and ETag.
+
+        Under the key's lock, so that the object is still there when it is recorded.
+        """
+        stored = self.store.head(key)
+        if stored is None:
+            raise _HttpError(409, "object_mismatch", f"object '{key}' is not in storage")
+        if stored.size_bytes != size_bytes:
+            raise _HttpError(
+                409,
+                "object_mismatch",
+                f"object '{key}' holds {stored.size_bytes} bytes, not {size_bytes}",
+            )
+        if bare_etag(stored.etag) != bare_etag(etag):
+            raise _HttpError(
+                409, "object_mismatch", f"object '{key}' has ETag {stored.etag}, not {etag}"
+            )
+        return stored
 
     def _delete(self, request: DeleteRequest) -> dict[str, Any]:
         with self._key_lock(request.object_key):
             self.store.delete(request.object_key)
             self.db.delete(request.object_key)
         return {"status": "ok"}
+
+    # -- set-level complete --------------------------------------------------------------
+
+    def _complete_set(self, request: CompleteSetRequest) -> dict[str, Any]:
+        """Check every object (assembling multipart uploads), then record all in one go.
+
+        Holds the upload locks of every multipart object and then the key locks of
+        every object, each set taken in one fixed order, as the single-object calls take
+        theirs (upload lock, then key lock): two sets sharing keys cannot deadlock.
+        Nothing is recorded unless every object checks out; uploads assembled before
+        one failed stay assembled, unrecorded, and a repeat recovers them.
+        """
+        items = request.objects
+        if not items:
+            return {"status": "ok", "objects": []}
+        upload_ids = [item.upload_id for item in items if item.upload_id is not None]
+        with (
+            self._upload_lock.hold(upload_ids),
+            self._key_lock.hold(item.object_key for item in items),
+        ):
+            records = [self._set_member(item) for item in items]
+            self.db.complete_set(records)
+        return {
+            "status": "ok",
+            "objects": [
+                {"object_key": r.object_key, "etag": r.etag, "public_url": r.public_url}
+                for r in records
+            ],
+        }
+
+    def _set_member(self, item: CompleteSetObject) -> AssetRecord:
+        """Check one object of a set, assembling it if it is multipart; its row to record.
+
+        Errors name the object's key.
+        """
+        key = item.object_key
+        try:
+            if item.upload_id is None:
+                assert item.etag is not None and item.public_url is not None
+                stored = self._verify_stored(key, item.size_bytes, item.etag)
+                return AssetRecord(
+                    key, stored.etag, stored.size_bytes, item.content_type, item.public_url
+                )
+            return self._set_upload(item, item.upload_id)
+        except _HttpError as error:
+            raise _naming(key, error) from None
+
+    def _set_upload(self, item: CompleteSetObject, upload_id: str) -> AssetRecord:
+        assert item.parts is not None
+        key = item.object_key
+        request = MultipartCompleteRequest(
+            object_key=key,
+            upload_id=upload_id,
+            parts=item.parts,
+            size_bytes=item.size_bytes,
+            content_type=item.content_type,
+        )
+        digest = _completion_digest(request)
+        public_url = self.store.public_url(key)
+        completed_etag = self._completed_etag(request, digest)
+        if completed_etag is not None:
+            # Completed before, with these parts (a repeated set, or multipart/complete).
+            # Recorded again only if the object is still the one it made.
+            stored = self._verify_stored(key, item.size_bytes, completed_etag)
+            return AssetRecord(
+                key, completed_etag, stored.size_bytes, item.content_type, public_url
+            )
+        info = self._assemble(request)
+        return AssetRecord(
+            key,
+            info.etag,
+            info.size_bytes,
+            item.content_type,
+            public_url,
+            upload_id=upload_id,
+            digest=digest,
+        )
 
     # -- multipart extension -----------------------------------------------------------
 
@@ -495,30 +582,58 @@ class ReferenceBackend:
         digest = _completion_digest(request)
         public_url = self.store.public_url(key)
         with self._upload_lock(upload_id):
-            row = self.db.get_upload(upload_id)
-            if row is None or row.object_key != key:
-                raise _no_such_upload(key, upload_id)
-            if row.completed_etag is not None:
-                if row.completed_digest == digest:
-                    return {"public_url": public_url, "etag": row.completed_etag}
-                raise _HttpError(
-                    404,
-                    "no_such_upload",
-                    f"multipart upload {upload_id!r} was already completed with other parts",
-                )
-            _check_part_order(request.parts)
-            if request.size_bytes != row.content_length:
-                raise _invalid_part(
-                    f"size_bytes {request.size_bytes} differs from the content_length "
-                    f"{row.content_length} given at initiate"
-                )
+            completed_etag = self._completed_etag(request, digest)
+            if completed_etag is not None:
+                return {"public_url": public_url, "etag": completed_etag}
             with self._key_lock(key):
-                return self._assemble_and_record(request, digest, public_url)
+                info = self._assemble(request)
+                self.db.complete_upload(
+                    upload_id,
+                    etag=info.etag,
+                    digest=digest,
+                    size_bytes=info.size_bytes,
+                    content_type=request.content_type,
+                    public_url=public_url,
+                )
+        return {"public_url": public_url, "etag": info.etag}
 
-    def _assemble_and_record(
-        self, request: MultipartCompleteRequest, digest: str, public_url: str
-    ) -> dict[str, Any]:
-        """Check the parts, assemble them and record the object; under both locks."""
+    def _completed_etag(self, request: MultipartCompleteRequest, digest: str) -> str | None:
+        """The ETag the upload completed with, when it did with this part list.
+
+        None when it is pending and the request fits it (part order, size). Under the
+        upload's lock.
+
+        Raises:
+            _HttpError: 404 for an unknown upload, one of another key or one completed
+                with other parts; 400 invalid_part for a part list out of order or a
+                size other than the initiate's.
+        """
+        key, upload_id = request.object_key, request.upload_id
+        row = self.db.get_upload(upload_id)
+        if row is None or row.object_key != key:
+            raise _no_such_upload(key, upload_id)
+        if row.completed_etag is not None:
+            if row.completed_digest == digest:
+                return row.completed_etag
+            raise _HttpError(
+                404,
+                "no_such_upload",
+                f"multipart upload {upload_id!r} was already completed with other parts",
+            )
+        _check_part_order(request.parts)
+        if request.size_bytes != row.content_length:
+            raise _invalid_part(
+                f"size_bytes {request.size_bytes} differs from the content_length "
+                f"{row.content_length} given at initiate"
+            )
+        return None
+
+    def _assemble(self, request: MultipartCompleteRequest) -> ObjectInfo:
+        """Check the parts and assemble them; the object made. Records nothing.
+
+        Under both locks. An upload the store no longer has is taken as assembled by
+        an earlier completion when the object it would make is there.
+        """
         key, upload_id = request.object_key, request.upload_id
         try:
             held = self._all_parts(key, upload_id)
@@ -527,33 +642,18 @@ class ReferenceBackend:
         if held is None:
             # The store no longer has the upload. If that is because an earlier
             # complete assembled it and died before recording, the object is there.
-            return self._recover_completion(request, digest, public_url)
+            return self._recover_assembly(request)
         parts = self._verified_parts(request, held)
         try:
-            info = self.store.complete_multipart(key, upload_id, parts)
+            return self.store.complete_multipart(key, upload_id, parts)
         except NoSuchUpload:
             # Gone between listing and assembling: assembled by a completion that
             # died before it recorded (or before the store cleaned up after it).
-            return self._recover_completion(request, digest, public_url)
+            return self._recover_assembly(request)
         except InvalidPart as exc:
             raise _invalid_part(str(exc)) from None
         except UploadRejected as rejected:
             raise _HttpError(400, "bad_request", rejected.message) from None
-        return self._record_completion(request, digest, public_url, info)
-
-    def _record_completion(
-        self, request: MultipartCompleteRequest, digest: str, public_url: str, info: ObjectInfo
-    ) -> dict[str, Any]:
-        """Record the assembled object as the upload's completion; the answer to send."""
-        self.db.complete_upload(
-            request.upload_id,
-            etag=info.etag,
-            digest=digest,
-            size_bytes=info.size_bytes,
-            content_type=request.content_type,
-            public_url=public_url,
-        )
-        return {"public_url": public_url, "etag": info.etag}
 
     def _all_parts(self, key: str, upload_id: str) -> dict[int, StoredPart]:
         held: dict[int, StoredPart] = {}
@@ -593,9 +693,7 @@ class ReferenceBackend:
             )
         return parts
 
-    def _recover_completion(
-        self, request: MultipartCompleteRequest, digest: str, public_url: str
-    ) -> dict[str, Any]:
+    def _recover_assembly(self, request: MultipartCompleteRequest) -> ObjectInfo:
         key, upload_id = request.object_key, request.upload_id
         bare = [bare_etag(part.etag) for part in request.parts]
         stored = self.store.head(key)
@@ -607,7 +705,7 @@ class ReferenceBackend:
         ):
             raise _no_such_upload(key, upload_id)
         logger.info("multipart upload %s of %s was assembled before; recording it", upload_id, key)
-        return self._record_completion(request, digest, public_url, stored)
+        return stored
 
     def _multipart_abort(self, request: MultipartAbortRequest) -> dict[str, Any]:
         key, upload_id = request.object_key, request.upload_id
@@ -756,6 +854,27 @@ def _idempotency_key(environ: Environ) -> str | None:
             400, "bad_request", "Idempotency-Key must be 1 to 255 visible ASCII characters"
         )
     return text
+
+
+def _object_keys(request: BaseModel) -> Iterator[tuple[str, str]]:
+    """Each object key of a request, with the field (and position) that holds it."""
+    if isinstance(request, CompleteSetRequest):
+        for position, item in enumerate(request.objects):
+            yield f"objects.{position}.object_key {_shown(item.object_key)}", item.object_key
+    else:
+        yield "object_key", request.object_key  # type: ignore[attr-defined]
+
+
+def _shown(key: str) -> str:
+    """A key quoted for a message, cut short when long."""
+    return repr(key) if len(key) <= 80 else repr(key[:80]) + "..."
+
+
+def _naming(key: str, error: _HttpError) -> _HttpError:
+    """The error of one object of a set, with a message that names the object's key."""
+    if f"'{key}'" in error.message:
+        return error
+    return _HttpError(error.status, error.code, f"object '{key}': {error.message}", error.headers)
 
 
 def _no_such_upload(object_key: str, upload_id: str) -> _HttpError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,6 +101,23 @@ class UploadRow:
     def completed(self) -> bool:
         """True once the upload completed."""
         return self.completed_etag is not None
+
+
+@dataclass(frozen=True)
+class AssetRecord:
+    """A row to record with :meth:`AssetDB.complete_set`.
+
+    ``upload_id`` and ``digest`` are set for a multipart upload assembled for it: the
+    upload is marked completed with this ETag and digest in the same transaction.
+    """
+
+    object_key: str
+    etag: str
+    size_bytes: int
+    content_type: str
+    public_url: str
+    upload_id: str | None = None
+    digest: str | None = None
 
 
 def _now() -> datetime:
@@ -300,12 +318,7 @@ class AssetDB:
                     " completed_digest = ? WHERE upload_id = ?",
                     (_stamp(now), etag, digest, upload_id),
                 )
-                cutoff = now - timedelta(seconds=COMPLETED_UPLOAD_RETENTION_S)
-                self._conn.execute(
-                    "DELETE FROM multipart_uploads WHERE completed_at IS NOT NULL"
-                    " AND completed_at < ?",
-                    (_stamp(cutoff),),
-                )
+                self._drop_old_completions_locked(now)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -313,6 +326,56 @@ class AssetDB:
             row = self._get_locked(object_key)
         assert row is not None
         return row
+
+    def complete_set(self, records: Sequence[AssetRecord]) -> list[AssetRow]:
+        """Upsert every row, and mark their multipart uploads completed, in one transaction.
+
+        All rows are recorded or, when anything fails, none.
+
+        Raises:
+            KeyError: A record names an upload that is not in the registry.
+        """
+        now = _now()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for record in records:
+                    self._upsert_locked(
+                        record.object_key,
+                        record.etag,
+                        record.size_bytes,
+                        record.content_type,
+                        record.public_url,
+                    )
+                    if record.upload_id is None:
+                        continue
+                    cursor = self._conn.execute(
+                        "UPDATE multipart_uploads SET completed_at = ?, completed_etag = ?,"
+                        " completed_digest = ? WHERE upload_id = ? AND object_key = ?",
+                        (
+                            _stamp(now),
+                            record.etag,
+                            record.digest,
+                            record.upload_id,
+                            record.object_key,
+                        ),
+                    )
+                    if cursor.rowcount != 1:
+                        raise KeyError(record.upload_id)
+                self._drop_old_completions_locked(now)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            rows = [self._get_locked(record.object_key) for record in records]
+        return [row for row in rows if row is not None]
+
+    def _drop_old_completions_locked(self, now: datetime) -> None:
+        cutoff = now - timedelta(seconds=COMPLETED_UPLOAD_RETENTION_S)
+        self._conn.execute(
+            "DELETE FROM multipart_uploads WHERE completed_at IS NOT NULL AND completed_at < ?",
+            (_stamp(cutoff),),
+        )
 
     def uploads(self) -> list[UploadRow]:
         """Every registry row, oldest first."""
