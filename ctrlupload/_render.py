@@ -184,6 +184,9 @@ def upload_render(
             cancel,
             max_workers,
         )
+    except CallbackFailed as failed:  # the progress callback's own error, unchanged
+        report_end(progress, False)
+        raise failed.error from None
     except BaseException:
         report_end(progress, False)
         raise
@@ -207,6 +210,7 @@ def _upload_render(
     started = time.monotonic()
     with _Sources(keys, files) as sources:
         if isinstance(storage, ProviderBase):
+            storage._check_open()
             limit = storage.settings.video_max_upload_bytes
             for asset, source in sources.items():
                 try:
@@ -222,10 +226,7 @@ def _upload_render(
         else:
             paths = {asset: files[asset] for asset in sources}
             results = _plain_render(storage, sources, paths, total, cancel, max_workers)
-        try:
-            total.finish()
-        except CallbackFailed as failed:  # pragma: no cover - finish logs, never raises
-            raise failed.error from None
+        total.finish()
     size = sum(result.size_bytes for result in results.values())
     took = time.monotonic() - started
     logger.info(

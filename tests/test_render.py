@@ -584,3 +584,31 @@ def test_the_s3_provider_uploads_a_render(moto_s3: Any, render_files: dict[str, 
     assert result.video.etag is not None and result.video.etag.endswith('-4"')
     subtitles = render_files["subtitles"].read_bytes()
     assert result.subtitles.etag == f'"{hashlib.md5(subtitles).hexdigest()}"'
+
+
+def test_a_progress_callback_that_raises_stops_the_render_with_its_own_error(
+    reference: LocalBackend, render_files: dict[str, Path]
+) -> None:
+    class Broken(Exception):
+        pass
+
+    def at_start(done: int, total: int) -> None:
+        raise Broken("at the first call")
+
+    def midway(done: int, total: int) -> None:
+        if done > PART:
+            raise Broken("midway")
+
+    with reference_provider(reference) as storage:
+        for callback in (at_start, midway):
+            with pytest.raises(Broken):
+                upload_render(
+                    storage,
+                    *IDS,
+                    video=render_files["video"],
+                    subtitles=render_files["subtitles"],
+                    progress=callback,
+                )
+            assert_nothing_left(reference)
+    with pytest.raises(StorageError, match="is closed"):
+        upload_render(storage, *IDS, video=render_files["video"])
