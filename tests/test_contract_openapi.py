@@ -58,24 +58,28 @@ ALL_CHECKS: list[Callable[..., Any]] = [
 INITIATE = "POST /internal/storage/multipart/initiate"
 PRESIGN_PARTS = "POST /internal/storage/multipart/presign-parts"
 MULTIPART_COMPLETE = "POST /internal/storage/multipart/complete"
+COMPLETE_SET = "POST /internal/storage/complete-set"
 
 
 def _refused_for_the_uploads_state(
     ctx: Any, response: schemathesis.Response, case: schemathesis.Case
 ) -> bool:
-    """Whether a 400 to schema-valid data is one of the two the document lists.
+    """Whether a 400 to schema-valid data is one of the three the document lists.
 
-    JSON Schema cannot say "at most this upload's part count" or "the parts storage
-    holds, in order", so a schema-valid body can still be refused for the live upload's
-    state: presign-parts with a part number past the part count (the part count is taken
-    from the initiate this request followed), and multipart complete with
-    ``invalid_part``. Any other 400 to valid data remains a failure.
+    JSON Schema cannot say "at most this upload's part count", "the parts storage
+    holds, in order" or "each object_key once", so a schema-valid body can still be
+    refused: presign-parts with a part number past the part count (the part count is
+    taken from the initiate this request followed), multipart complete (and an upload
+    in complete-set) with ``invalid_part``, and complete-set with ``bad_request`` when
+    two objects share a key. Any other 400 to valid data remains a failure.
     """
-    if case.operation.label not in (PRESIGN_PARTS, MULTIPART_COMPLETE):
+    if case.operation.label not in (PRESIGN_PARTS, MULTIPART_COMPLETE, COMPLETE_SET):
         return False
     error = response.json().get("error") if response.status_code == 400 else None
     if case.operation.label == MULTIPART_COMPLETE:
         return error == "invalid_part"
+    if case.operation.label == COMPLETE_SET:
+        return error == "invalid_part" or (error == "bad_request" and _repeats_a_key(case.body))
     initiate = ctx.internals.find_parent(case_id=case.id)
     if error != "bad_request" or initiate is None or initiate.operation.label != INITIATE:
         return False
@@ -85,6 +89,16 @@ def _refused_for_the_uploads_state(
     part_size = initiated.json()["part_size"]
     part_count = max(1, -(-initiate.body["content_length"] // part_size))
     return any(number > part_count for number in case.body["part_numbers"])
+
+
+def _repeats_a_key(body: Any) -> bool:
+    """Whether a complete-set body names one object_key twice (the schema cannot say)."""
+    objects = body.get("objects") if isinstance(body, dict) else None
+    if not isinstance(objects, list):
+        return False
+    keys = [item.get("object_key") for item in objects if isinstance(item, dict)]
+    texts = [key for key in keys if isinstance(key, str)]
+    return len(set(texts)) != len(texts)
 
 
 @functools.wraps(positive_data_acceptance)

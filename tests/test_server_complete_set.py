@@ -204,6 +204,34 @@ def test_a_set_records_an_upload_that_multipart_complete_finished(backend: Local
     assert backend.db.get(VIDEO) is not None
 
 
+def test_a_real_set_and_its_answer_fit_the_served_document(backend: LocalBackend) -> None:
+    import jsonschema
+    import yaml
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    document = yaml.safe_load(requests.get(f"{backend.base_url}/openapi.yaml", timeout=10).text)
+    registry = Registry().with_resource("doc", DRAFT202012.create_resource(document))
+
+    def check(name: str, instance: Any) -> None:
+        schema = {"$ref": f"doc#/components/schemas/{name}"}
+        jsonschema.Draft202012Validator(schema, registry=registry).validate(instance)
+
+    entries, _ = put_three(backend)
+    data = os.urandom(SMALL_PART + 1)
+    upload_id, etags = backend.upload_parts(f"{PREFIX}/extra.mp4", data)
+    body = {
+        "objects": [*entries, multipart_object(f"{PREFIX}/extra.mp4", upload_id, etags, len(data))]
+    }
+    check("CompleteSetRequest", body)
+    answer = post_set(backend.base_url, body["objects"])
+    assert answer.status_code == 200, answer.text
+    check("CompleteSetResponse", answer.json())
+    # A mix of both kinds is not an object of the document either.
+    with pytest.raises(jsonschema.ValidationError):
+        check("CompleteSetObject", {**entries[0], "upload_id": upload_id, "parts": []})
+
+
 # -- all or nothing -----------------------------------------------------------------------
 
 
