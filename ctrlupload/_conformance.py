@@ -11,7 +11,8 @@ keys, another method), and prints one line per check::
 
 The run is conformant, exit status 0, when every check passed or was skipped for a
 reason that is allowed: the backend does not offer the optional multipart extension
-(initiate answered 404, 405 or 501), the caller asked to skip a group, or the upload URL
+(initiate answered 404, 405 or 501) or the optional complete-set (an empty set answered
+404, 405 or 501), the caller asked to skip a group, or the upload URL
 shows that storage does not sign the header a refusal check is about. A check that needs
 one that did not pass is reported as SKIP, after that FAIL.
 
@@ -46,6 +47,7 @@ from ._settings import Settings
 from ._transport import MAX_RESPONSE_BYTES, RetryPolicy, Transport, TransportConfig
 from .protocol._answers import s3_error_detail
 from .protocol._contract import (
+    CompleteSetResponse,
     MultipartCompleteResponse,
     MultipartInitiateResponse,
     MultipartListResponse,
@@ -79,6 +81,8 @@ _Auth = Literal["token", "none", "wrong"]
 
 #: Statuses by which a backend says it has no multipart extension (contract.md).
 MULTIPART_ABSENT_STATUSES: Final = frozenset({404, 405, 501})
+#: Statuses by which a backend says it has no complete-set (contract.md).
+COMPLETE_SET_ABSENT_STATUSES: Final = frozenset({404, 405, 501})
 #: Largest answer body read (the transport's cap); the rest is not needed to judge it.
 MAX_ANSWER_BYTES: Final = MAX_RESPONSE_BYTES
 #: Over S3's largest object: no backend's content_length maximum can be above it.
@@ -676,6 +680,69 @@ _register_bad_request(
 )
 
 
+# -- complete-set (optional) -------------------------------------------------------------
+
+
+def _complete_set_answer(run: _Run, objects: list[dict[str, Any]]) -> CompleteSetResponse:
+    """A 200 complete-set answer of the contract's shape, listing ``objects`` in order."""
+    answer = run.post("complete_set", {"objects": objects})
+    parsed, reason = model_problem(CompleteSetResponse, answer)
+    if parsed is None:
+        raise _Failed(f"complete-set {reason}")
+    if parsed.status != "ok":
+        raise _Failed(f"complete-set answered status {parsed.status!r}, expected 'ok'")
+    listed = [item.object_key for item in parsed.objects]
+    if listed != [item["object_key"] for item in objects]:
+        raise _Failed(f"complete-set answered the objects {listed}, not the ones sent in order")
+    return parsed
+
+
+@_check("complete-set-probe")
+def _complete_set_probe(run: _Run) -> None:
+    """An empty set: 200 with no objects, or 404/405/501 from a backend without it."""
+    answer = run.post("complete_set", {"objects": []})
+    if answer.status in COMPLETE_SET_ABSENT_STATUSES:
+        raise _Skipped(
+            f"the backend does not offer complete-set (an empty set answered {answer.status})",
+            allowed=True,
+        )
+    _complete_set_answer(run, [])
+
+
+def _set_entry(stored: _Stored) -> dict[str, Any]:
+    return {
+        "object_key": stored.key,
+        "size_bytes": stored.size_bytes,
+        "content_type": stored.content_type,
+        "etag": stored.etag,
+        "public_url": stored.public_url,
+    }
+
+
+@_check("complete-set-records", requires=("complete-set-probe", "put-upload"))
+def _complete_set_records(run: _Run) -> None:
+    """A set of the stored object is recorded, and repeating it answers the same."""
+    stored: _Stored = run.needs("put-upload")
+    first = _complete_set_answer(run, [_set_entry(stored)])
+    recorded = first.objects[0]
+    if bare_etag(recorded.etag) != bare_etag(stored.etag):
+        raise _Failed(f"complete-set answered ETag {recorded.etag}, not the PUT's {stored.etag}")
+    if recorded.public_url != stored.public_url:
+        raise _Failed("complete-set answered another public_url than the one sent")
+    again = _complete_set_answer(run, [_set_entry(stored)])
+    if again.objects != first.objects:
+        raise _Failed("a repeated complete-set answered another result")
+
+
+@_check("complete-set-rejects-missing-object", requires=("complete-set-probe", "put-upload"))
+def _complete_set_missing(run: _Run) -> None:
+    """A set with an object never stored: 409 object_mismatch, the set all or nothing."""
+    stored: _Stored = run.needs("put-upload")
+    missing = _complete_body(run.key("never-uploaded-set.mp4"))
+    answer = run.post("complete_set", {"objects": [_set_entry(stored), missing]})
+    _expect_error(answer, 409, "object_mismatch")
+
+
 @_check("delete-shape", requires=("put-upload",))
 def _delete_shape(run: _Run) -> _Stored:
     stored: _Stored = run.needs("put-upload")
@@ -987,6 +1054,7 @@ def run_conformance(
         "presign": settings.backend_storage_presign_path,
         "complete": settings.backend_storage_complete_path,
         "delete": settings.backend_storage_delete_path,
+        "complete_set": settings.backend_storage_complete_set_path,
         "multipart_initiate": settings.backend_storage_multipart_initiate_path,
         "multipart_presign": settings.backend_storage_multipart_presign_path,
         "multipart_list": settings.backend_storage_multipart_list_path,

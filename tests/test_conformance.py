@@ -47,6 +47,12 @@ _MULTIPART = {check.name for check in CHECKS if check.multipart}
 _DEFAULTS = Settings()
 _PRESIGN = _DEFAULTS.backend_storage_presign_path
 _COMPLETE = _DEFAULTS.backend_storage_complete_path
+_COMPLETE_SET = _DEFAULTS.backend_storage_complete_set_path
+_SET_CHECKS = {
+    "complete-set-probe",
+    "complete-set-records",
+    "complete-set-rejects-missing-object",
+}
 _MULTIPART_PATHS = {
     _DEFAULTS.backend_storage_multipart_initiate_path,
     _DEFAULTS.backend_storage_multipart_presign_path,
@@ -252,8 +258,28 @@ def _json_rewrite(path: str, change: Callable[[dict[str, Any]], None]) -> Any:
             "multipart-complete",
             "complete answered ETag",
         ),
+        (
+            _COMPLETE_SET,
+            lambda body: body.pop("objects"),
+            "complete-set-probe",
+            "complete-set response is missing 'objects'",
+        ),
+        (
+            _COMPLETE_SET,
+            lambda body: body.update(objects=body["objects"][::-1] + body["objects"]),
+            "complete-set-records",
+            "not the ones sent in order",
+        ),
     ],
-    ids=["expires-sec-string", "no-headers", "ftp-url", "status-not-ok", "wrong-multipart-etag"],
+    ids=[
+        "expires-sec-string",
+        "no-headers",
+        "ftp-url",
+        "status-not-ok",
+        "wrong-multipart-etag",
+        "set-without-objects",
+        "set-listing-other-objects",
+    ],
 )
 def test_backend_answering_the_wrong_shape_fails_the_shape_check(
     served: Any,
@@ -377,6 +403,48 @@ def test_backend_without_multipart_conforms_with_multipart_skipped(served: Any) 
     assert {report.reason(name) for name in _MULTIPART} == {
         "the backend does not offer multipart (initiate answered 404)"
     }
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_backend_without_complete_set_conforms_with_its_checks_skipped(
+    served: Any, status: int
+) -> None:
+    url = served(lambda app: refuse_paths(app, {_COMPLETE_SET}, status, "refused"))
+
+    report = conformance(url, served.server.token, skip_multipart=True)
+
+    assert report.status == 0, report.text
+    assert report.named("SKIP") == _MULTIPART | _SET_CHECKS
+    assert {report.reason(name) for name in _SET_CHECKS} == {
+        f"the backend does not offer complete-set (an empty set answered {status})"
+    }
+
+
+def test_backend_recording_a_set_without_checking_storage_fails(served: Any) -> None:
+    def trust_sets(path: str, status: int, body: bytes) -> tuple[int, bytes] | None:
+        if path == _COMPLETE_SET and status == 409:
+            return 200, b'{"status": "ok", "objects": []}'
+        return None
+
+    url = served(lambda app: rewrite_answers(app, trust_sets))
+
+    report = conformance(url, served.server.token, skip_multipart=True)
+
+    assert report.status == 1
+    assert report.named("FAIL") == {"complete-set-rejects-missing-object"}
+    assert report.reason("complete-set-rejects-missing-object") == (
+        "answered 200, expected 409 object_mismatch"
+    )
+
+
+def test_a_failing_complete_set_probe_is_not_a_missing_one(served: Any) -> None:
+    url = served(lambda app: refuse_paths(app, {_COMPLETE_SET}, 500, "internal"))
+
+    report = conformance(url, served.server.token, skip_multipart=True)
+
+    assert report.status == 1
+    assert report.named("FAIL") == {"complete-set-probe"}
+    assert report.lines["complete-set-records"] == ("SKIP", "not run: needs complete-set-probe")
 
 
 def test_presign_headers_that_storage_refuses_fail_the_put_and_block_what_needs_it(
