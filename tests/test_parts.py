@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrlupload._errors import StorageTransferError, PartStopped
+from ctrlupload._errors import PartStopped, StorageTransferError
 from ctrlupload.engine._multipart import Checkpoint, CheckpointStore, PartRunner, fingerprint
 from ctrlupload.engine._streams import object_source
 from ctrlupload.protocol import (

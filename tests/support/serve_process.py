@@ -29,6 +29,7 @@ def _announcements(stdout: str) -> list[str]:
     """serve's lines with their shell dressing (``export ``, ``# ``) taken off."""
     return [line.removeprefix("export ").removeprefix("# ") for line in stdout.splitlines()]
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOKEN_LINE = "BACKEND_SERVICE_TOKEN"
 _URL_LINE = "BACKEND_BASE_URL="
