@@ -913,7 +913,10 @@ def _demo(args: argparse.Namespace) -> int:
     if failures:
         print(f"demo FAILED: {failures} download(s) differ from the upload", file=sys.stderr)
         return EXIT_FAILURE
-    print("demo ok: every asset went presign -> PUT -> complete and came back byte-identical")
+    print(
+        "demo ok: every asset went presign -> PUT, the render was recorded together, and "
+        "every asset came back byte-identical"
+    )
     return 0
 
 
