@@ -42,6 +42,7 @@ from .protocol import (
     MultipartAbortRequest,
     PresignRequest,
     PresignResponse,
+    endpoint_missing,
     json_error_detail,
     parse_response,
 )
@@ -480,12 +481,13 @@ class _BackendProbe:
         if result is None:
             return
         status = result.status_code
-        if status == 200 or (status == 404 and _error_code(result.body) == "no_such_upload"):
+        missing = endpoint_missing(status, result.body)
+        if status == 200 or (status == 404 and not missing):
             self._report.line(
                 "ok", subject, "offered (large files go up in parts; put --resume works)"
             )
             return
-        if status in _NOT_OFFERED:
+        if missing:
             needed = self._settings.storage_multipart is MultipartMode.ALWAYS
             self._report.line(
                 "FAIL" if needed else "info",
@@ -518,7 +520,7 @@ class _BackendProbe:
                     "FAIL", subject, f"POST {path}: the answer breaks the contract: {problem}"
                 )
             return
-        if status in _NOT_OFFERED:
+        if endpoint_missing(status, result.body):
             self._report.line(
                 "info",
                 subject,
@@ -577,15 +579,6 @@ def _contract_problem(
         return "the answer is not JSON"
     parsed, problem = parse_response(model, payload)
     return None if parsed is not None else problem
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        payload: Any = json.loads(body)
-    except ValueError:
-        return None
-    code = payload.get("error") if isinstance(payload, dict) else None
-    return code if isinstance(code, str) else None
 
 
 #: Plain words for what went wrong below HTTP, by a telling piece of the failure's text.

@@ -201,3 +201,32 @@ def test_s3_error_region_reads_where_the_bucket_is() -> None:
     body = b"<Error><Code>PermanentRedirect</Code><Region>eu-west-1</Region></Error>"
     assert s3_error_region(body) == "eu-west-1"
     assert s3_error_region(b"<Error><Code>AccessDenied</Code></Error>") == ""
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "missing"),
+    [
+        (405, b"", True),
+        (501, b"", True),
+        (404, b'{"error": "not_found"}', True),
+        (404, b'{"timestamp": "...", "status": 404, "error": "Not Found"}', True),
+        (404, b"<html>no</html>", True),
+        (404, b'{"error": "no_such_upload", "message": "gone"}', False),
+        (200, b'{"status": "ok"}', False),
+        (409, b'{"error": "object_mismatch"}', False),
+    ],
+)
+def test_endpoint_missing_tells_a_missing_route_from_the_contracts_own_404(
+    status: int, body: bytes, missing: bool
+) -> None:
+    from ctrlupload.protocol import endpoint_missing
+
+    assert endpoint_missing(status, body) is missing
+
+
+def test_json_string_field_reads_only_a_non_empty_string_of_an_object() -> None:
+    from ctrlupload.protocol import json_string_field
+
+    assert json_string_field(b'{"upload_id": "u-1"}', "upload_id") == "u-1"
+    for body in (b'{"upload_id": ""}', b'{"upload_id": 7}', b"[1]", b"not json", b"{}"):
+        assert json_string_field(body, "upload_id") is None

@@ -35,9 +35,11 @@ __all__ = [
     "attempts_suffix",
     "check_etag",
     "decode_backend_answer",
+    "endpoint_missing",
     "is_expired_answer",
     "is_resumable",
     "json_error_detail",
+    "json_string_field",
     "process_put_answer",
     "s3_error_detail",
     "s3_error_fields",
@@ -222,6 +224,23 @@ def json_error_detail(body: bytes) -> str:
         if isinstance(value, str) and value:
             return f" ({redact_text(value[:200])})"
     return ""
+
+
+def endpoint_missing(status: int, body: bytes) -> bool:
+    """Whether a backend answered that it lacks an optional endpoint (multipart,
+    complete-set): 405 or 501, or a 404 that is not the contract's own
+    ``no_such_upload`` (the Spring backend's error JSON included)."""
+    if status in (405, 501):
+        return True
+    return status == 404 and json_string_field(body, "error") != "no_such_upload"
+
+
+def json_string_field(body: bytes, name: str) -> str | None:
+    """A non-empty string field of a JSON object body (``error``, ``upload_id``...), or
+    None when the body is not a JSON object or the field is missing or not a string."""
+    payload, _ = _loads(body)
+    value = payload.get(name) if isinstance(payload, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _loads(body: bytes) -> tuple[Any, bool]:

@@ -8,7 +8,6 @@ answer with :mod:`ctrlupload.protocol` and maps failures to :class:`BackendError
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -46,6 +45,8 @@ from ..protocol import (
     ResponseModel,
     StatusResponse,
     decode_backend_answer,
+    endpoint_missing,
+    json_string_field,
 )
 from ..protocol._objects import PartsPage, StoredPart, all_parts
 from ._base import EngineProvider
@@ -70,9 +71,6 @@ _LABELS: Final = {
 }
 #: What a backend without the multipart extension answers to initiate.
 _NO_MULTIPART_STATUSES: Final = frozenset({404, 405, 501})
-#: The one 404 the set-level complete answers by contract; any other 404 means that
-#: the backend has no such route (the Spring backend's own error JSON included).
-_SET_NO_SUCH_UPLOAD: Final = "no_such_upload"
 #: What list-parts answers for an upload the backend no longer has.
 _GONE_STATUSES: Final = frozenset({404, 410})
 #: The header that makes a retried initiate answer the upload the first one started.
@@ -194,9 +192,7 @@ class BackendSigner:
             self._settings.backend_storage_complete_set_path,
             request.model_dump(exclude_none=True),
         )
-        if result.status_code in (405, 501) or (
-            result.status_code == 404 and _error_code(result.body) != _SET_NO_SUCH_UPLOAD
-        ):
+        if endpoint_missing(result.status_code, result.body):
             return None
         answer = decode_backend_answer(
             key,
@@ -264,7 +260,7 @@ class BackendSigner:
             )
         except BackendError as error:
             # An answer that broke the contract may still name the upload it started.
-            upload_id = _upload_id_in(result.body)
+            upload_id = json_string_field(result.body, "upload_id")
             if upload_id is not None:
                 abort_noting(self, key, upload_id, error)
             raise
@@ -407,29 +403,6 @@ class BackendSigner:
 def _expires_at(expires_sec: int | None) -> float | None:
     """The backend's ``expires_sec``, counted from now (when it answered)."""
     return None if expires_sec is None else time.time() + expires_sec
-
-
-def _error_code(body: bytes) -> str | None:
-    """The ``error`` code of a JSON error body, if it has one."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
-    code = payload.get("error") if isinstance(payload, dict) else None
-    return code if isinstance(code, str) else None
-
-
-def _upload_id_in(body: bytes) -> str | None:
-    """The ``upload_id`` of an initiate answer that broke the contract elsewhere."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(payload, dict):
-        upload_id = payload.get("upload_id")
-        if isinstance(upload_id, str) and upload_id:
-            return upload_id
-    return None
 
 
 class BackendPresignedStorageProvider(EngineProvider):
