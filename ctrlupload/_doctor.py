@@ -302,25 +302,11 @@ def _check_local_root(root: Path, report: _Report) -> None:
 
 def _check_bucket(settings: Settings, report: _Report) -> None:
     """One HeadBucket: the bucket exists, is reachable, and the credentials may see it."""
-    from ._s3 import S3Bucket
-    from .providers._s3 import MINIO_DEFAULT_REGION
+    from .providers._s3 import bucket_for
 
     subject = "bucket"
-    assert settings.storage_s3_bucket is not None
-    name = settings.storage_provider.value
-    region = settings.storage_s3_region
-    if settings.storage_provider is StorageProvider.MINIO:
-        region = region or MINIO_DEFAULT_REGION
     try:
-        bucket = S3Bucket(
-            settings.storage_s3_bucket,
-            endpoint_url=settings.storage_s3_endpoint_url,
-            region=region,
-            max_attempts=1,
-            connect_timeout_s=settings.storage_connect_timeout_s,
-            read_timeout_s=settings.storage_read_timeout_s,
-            who=f"STORAGE_PROVIDER={name}",
-        )
+        bucket = bucket_for(settings, max_attempts=1)
     except StorageConfigError as exc:
         report.line("FAIL", subject, str(exc))
         return

@@ -310,6 +310,46 @@ class S3Signer:
         return f"Bucket '{bucket}' is in another region than {ours}: set STORAGE_S3_REGION"
 
 
+def bucket_for(settings: Settings, *, max_attempts: int) -> S3Bucket:
+    """The bucket ``STORAGE_PROVIDER=s3|minio`` names, with botocore's client for it.
+
+    Used by the provider and by ``ctrlupload doctor``'s HeadBucket; ``max_attempts``
+    is botocore's own retry budget for the calls it makes.
+
+    Raises:
+        StorageConfigError: ``STORAGE_S3_BUCKET`` (or, for minio,
+            ``STORAGE_S3_ENDPOINT_URL``) is not set, or boto3 is not installed.
+    """
+    s = settings
+    provider = s.storage_provider
+    name = provider.value if provider in (StorageProvider.S3, StorageProvider.MINIO) else "s3"
+    if not s.storage_s3_bucket:
+        raise StorageConfigError(
+            f"STORAGE_S3_BUCKET must be set for STORAGE_PROVIDER={name}",
+            variable="STORAGE_S3_BUCKET",
+        )
+    region = s.storage_s3_region
+    if provider is StorageProvider.MINIO:
+        if not s.storage_s3_endpoint_url:
+            raise StorageConfigError(
+                "STORAGE_S3_ENDPOINT_URL must be set for STORAGE_PROVIDER=minio "
+                "(e.g. http://127.0.0.1:9000)",
+                variable="STORAGE_S3_ENDPOINT_URL",
+            )
+        region = region or MINIO_DEFAULT_REGION
+    return S3Bucket(
+        s.storage_s3_bucket,
+        endpoint_url=s.storage_s3_endpoint_url,
+        region=region,
+        public_base_url=s.storage_public_base_url,
+        max_attempts=max_attempts,
+        connect_timeout_s=s.storage_connect_timeout_s,
+        read_timeout_s=s.storage_read_timeout_s,
+        max_pool_connections=s.storage_max_connections,
+        who=f"STORAGE_PROVIDER={name}",
+    )
+
+
 class S3StorageProvider(EngineProvider):
     """Uploads straight to an S3 bucket with credentials this process holds.
 
@@ -332,33 +372,7 @@ class S3StorageProvider(EngineProvider):
     def __init__(self, settings: Settings | None = None) -> None:
         super().__init__(settings or Settings.from_env())
         s = self.settings
-        provider = s.storage_provider
-        name = provider.value if provider in (StorageProvider.S3, StorageProvider.MINIO) else "s3"
-        if not s.storage_s3_bucket:
-            raise StorageConfigError(
-                f"STORAGE_S3_BUCKET must be set for STORAGE_PROVIDER={name}",
-                variable="STORAGE_S3_BUCKET",
-            )
-        region = s.storage_s3_region
-        if provider is StorageProvider.MINIO:
-            if not s.storage_s3_endpoint_url:
-                raise StorageConfigError(
-                    "STORAGE_S3_ENDPOINT_URL must be set for STORAGE_PROVIDER=minio "
-                    "(e.g. http://127.0.0.1:9000)",
-                    variable="STORAGE_S3_ENDPOINT_URL",
-                )
-            region = region or MINIO_DEFAULT_REGION
-        bucket = S3Bucket(
-            s.storage_s3_bucket,
-            endpoint_url=s.storage_s3_endpoint_url,
-            region=region,
-            public_base_url=s.storage_public_base_url,
-            max_attempts=s.storage_retry_attempts,
-            connect_timeout_s=s.storage_connect_timeout_s,
-            read_timeout_s=s.storage_read_timeout_s,
-            max_pool_connections=s.storage_max_connections,
-            who=f"STORAGE_PROVIDER={name}",
-        )
+        bucket = bucket_for(s, max_attempts=s.storage_retry_attempts)
         endpoint = bucket.endpoint_url
         self._transport = transport_for(s)
         self.signer = S3Signer(bucket, endpoint)
