@@ -493,31 +493,39 @@ def _stop_on_sigterm(server: ReferenceServer) -> None:
 # -- put and render --------------------------------------------------------------------
 
 
-def _put(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _upload_session(label: str, no_progress: bool) -> Iterator[tuple[Any, Any]]:
+    """The configured provider, a progress bar on a terminal (or None), and retry lines
+    on stderr above it, for ``put`` and ``render``; all closed on exit."""
     settings = _client_settings()
-    show_progress = not args.no_progress and sys.stderr.isatty()
+    show_progress = not no_progress and sys.stderr.isatty()
     with get_storage_provider(settings) as storage:
-        bar = _progress_bar(args.file.name, sys.stderr) if show_progress else None
+        bar = _progress_bar(label, sys.stderr) if show_progress else None
         with _retry_lines(sys.stderr, bar):
             try:
-                if args.resume:
-                    # Ctrl-C interrupts the upload where it is and keeps it, with its
-                    # checkpoint, for the same command to resume; cancelling would abort.
-                    result = _resumable_put(storage, args, bar)
-                else:
-                    result = _cancellable(
-                        lambda cancel: storage.put_file(
-                            args.file,
-                            args.key,
-                            content_type=args.content_type,
-                            progress=bar,
-                            cancel=cancel,
-                        ),
-                        bar,
-                    )
+                yield storage, bar
             finally:
                 if bar is not None:
                     bar.close()
+
+
+def _put(args: argparse.Namespace) -> int:
+    with _upload_session(args.file.name, args.no_progress) as (storage, bar):
+        if args.resume:
+            # Ctrl-C interrupts the upload where it is and keeps it, with its
+            # checkpoint, for the same command to resume; cancelling would abort.
+            result = _resumable_put(storage, args, bar)
+        else:
+            result = _cancellable(
+                lambda cancel: storage.put_file(
+                    args.file,
+                    args.key,
+                    content_type=args.content_type,
+                    progress=bar,
+                    cancel=cancel,
+                ),
+                bar,
+            )
     print(result.url)
     return 0
 
@@ -539,29 +547,21 @@ def _resumable_put(storage: Any, args: argparse.Namespace, bar: Any) -> Any:
 
 
 def _render(args: argparse.Namespace) -> int:
-    settings = _client_settings()
-    show_progress = not args.no_progress and sys.stderr.isatty()
-    with get_storage_provider(settings) as storage:
-        bar = _progress_bar(args.job_id, sys.stderr) if show_progress else None
-        with _retry_lines(sys.stderr, bar):
-            try:
-                render = _cancellable(
-                    lambda cancel: upload_render(
-                        storage,
-                        args.video_id,
-                        args.script_id,
-                        args.job_id,
-                        video=args.video,
-                        subtitles=args.subtitles,
-                        thumbnail=args.thumbnail,
-                        progress=bar,
-                        cancel=cancel,
-                    ),
-                    bar,
-                )
-            finally:
-                if bar is not None:
-                    bar.close()
+    with _upload_session(args.job_id, args.no_progress) as (storage, bar):
+        render = _cancellable(
+            lambda cancel: upload_render(
+                storage,
+                args.video_id,
+                args.script_id,
+                args.job_id,
+                video=args.video,
+                subtitles=args.subtitles,
+                thumbnail=args.thumbnail,
+                progress=bar,
+                cancel=cancel,
+            ),
+            bar,
+        )
     if args.json:
         print(json.dumps(render.as_dict(), indent=2))
     else:
