@@ -152,9 +152,26 @@ class StorageTransferError(StorageUploadError):
 
 
 class IntegrityError(StorageUploadError):
-    """Storage reported an ETag that does not match the MD5 of the bytes sent."""
+    """The bytes storage got are not the bytes sent.
+
+    Either storage refused them before storing anything (``400 BadDigest``: they did
+    not match the CRC64NVME signed into the URL, or a multipart upload's parts did not
+    add up to the whole object's), or, where no checksum was signed, the ETag storage
+    answered differs from the MD5 of the bytes sent.
+    """
 
     default_phase = "integrity"
+
+
+class ObjectExistsError(StorageUploadError):
+    """``overwrite=False`` and the key already holds an object: storage refused the
+    write (``412 PreconditionFailed``), and the object there is untouched.
+
+    Not raised for an upload whose own first attempt stored the object and whose answer
+    was lost: that is told apart through ``complete``, by the stored size and checksum.
+    """
+
+    default_phase = "upload"
 
 
 class PartStopped(StorageUploadError):

@@ -32,7 +32,13 @@ from .protocol._parts import (
     MIN_PART_BYTES,
 )
 
-__all__ = ["DEFAULT_SEND_BLOCK_BYTES", "MultipartMode", "Settings", "StorageProvider"]
+__all__ = [
+    "DEFAULT_SEND_BLOCK_BYTES",
+    "ChecksumMode",
+    "MultipartMode",
+    "Settings",
+    "StorageProvider",
+]
 
 MIB: Final = 1024 * 1024
 DEFAULT_MAX_UPLOAD_BYTES: Final = 104_857_600
@@ -57,6 +63,22 @@ class MultipartMode(StrEnum):
     AUTO = "auto"
     ALWAYS = "always"
     NEVER = "never"
+
+
+class ChecksumMode(StrEnum):
+    """How uploads are checked; the value of ``STORAGE_CHECKSUM``.
+
+    ``auto``: a CRC64NVME that storage verifies before it stores the body, where the
+    backend signs one and awscrt is installed (``ctrlupload[checksum]``); otherwise
+    the MD5 of the bytes sent against storage's ETag, after the PUT. ``crc64nvme``:
+    the CRC or a clear error, before any byte is sent. ``md5``: the ETag check only.
+    ``off``: neither.
+    """
+
+    AUTO = "auto"
+    CRC64NVME = "crc64nvme"
+    MD5 = "md5"
+    OFF = "off"
 
 
 class Settings(BaseModel):
@@ -227,10 +249,21 @@ class Settings(BaseModel):
         alias="STORAGE_RESUME_DIR",
         description="Checkpoints of resumable uploads; ~/.cache/ctrlupload/resume if unset.",
     )
+    storage_checksum: ChecksumMode = Field(
+        ChecksumMode.AUTO,
+        alias="STORAGE_CHECKSUM",
+        description=(
+            "auto: CRC64NVME checked by storage where the backend signs it, else MD5 vs "
+            "ETag; crc64nvme; md5; off."
+        ),
+    )
     storage_verify_md5: bool = Field(
         True,
         alias="STORAGE_VERIFY_MD5",
-        description="Check a plain-MD5 ETag against the MD5 of the bytes sent.",
+        description=(
+            "Check a plain-MD5 ETag against the MD5 of the bytes sent (the md5 check, "
+            "and auto's fallback); false turns it off."
+        ),
     )
 
     @field_validator("backend_base_url", "storage_public_base_url", "storage_s3_endpoint_url")

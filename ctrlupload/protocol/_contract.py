@@ -8,7 +8,7 @@ credentials and are left out of every repr.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,13 +24,18 @@ from pydantic import (
 
 __all__ = [
     "MAX_SET_OBJECTS",
+    "Checksum",
+    "ChecksumAlgorithm",
+    "ChecksumType",
     "CompleteRequest",
+    "CompleteResponse",
     "CompleteSetObject",
     "CompleteSetRequest",
     "CompleteSetResponse",
     "CompletedObject",
     "CompletedPart",
     "DeleteRequest",
+    "IfNoneMatch",
     "ListedPart",
     "MultipartAbortRequest",
     "MultipartCompleteRequest",
@@ -116,6 +121,38 @@ def check_content_type(value: str) -> str:
 #: A content type: an RFC 9110 media type in ASCII (:func:`check_content_type`).
 ContentType = Annotated[str, AfterValidator(check_content_type)]
 
+#: The checksum algorithms the contract names (issue 11): S3's full-object CRC64NVME.
+ChecksumAlgorithm = Literal["CRC64NVME"]
+#: How a multipart upload's checksum covers the object: the whole of it, as one CRC.
+ChecksumType = Literal["FULL_OBJECT"]
+#: The one condition the contract signs: create the object only if the key is free.
+IfNoneMatch = Literal["*"]
+_CHECKSUM: Final = re.compile(r"[A-Za-z0-9+/]{11}=")
+
+
+def check_checksum(value: str) -> str:
+    """Return ``value`` if it spells a CRC64NVME as S3 does: base64 of eight bytes.
+
+    Raises:
+        ValueError: It does not (the value is not quoted: it is short and harmless, but
+            the rule is the same for every field).
+    """
+    if not _CHECKSUM.fullmatch(value):
+        raise ValueError(
+            "checksum must be the base64 of the CRC's eight big-endian bytes "
+            "(12 characters ending in '='), as S3 spells x-amz-checksum-crc64nvme"
+        )
+    return value
+
+
+#: A CRC64NVME value as S3 spells it (:func:`check_checksum`).
+Checksum = Annotated[str, AfterValidator(check_checksum)]
+
+
+def _checksum_pair(algorithm: str | None, checksum: str | None) -> None:
+    if (algorithm is None) != (checksum is None):
+        raise ValueError("give checksum_algorithm and checksum together, or neither")
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -131,11 +168,27 @@ ResponseModel = _Response
 
 
 class PresignRequest(_Request):
-    """Body of ``POST presign-put`` (seed §3.1)."""
+    """Body of ``POST presign-put`` (seed §3.1).
+
+    The optional fields (issue 11) ask the backend to sign more headers into the URL:
+    ``x-amz-checksum-crc64nvme`` with ``checksum``, so that storage refuses a body that
+    does not match it (400 ``BadDigest``) before it stores anything; and
+    ``If-None-Match: *``, so that storage refuses (412) to replace an object already at
+    the key. A backend that signs them returns them in ``headers``; one that ignores
+    the fields (the seed's) returns neither, and the client can tell.
+    """
 
     object_key: str
     content_type: ContentType
     content_length: JsonInt = Field(ge=0)
+    checksum_algorithm: ChecksumAlgorithm | None = None
+    checksum: Checksum | None = None
+    if_none_match: IfNoneMatch | None = None
+
+    @model_validator(mode="after")
+    def _checksum_given_whole(self) -> PresignRequest:
+        _checksum_pair(self.checksum_algorithm, self.checksum)
+        return self
 
 
 class PresignResponse(_Response):
@@ -153,13 +206,29 @@ class PresignResponse(_Response):
 
 
 class CompleteRequest(_Request):
-    """Body of ``POST complete`` (seed §3.2); an upsert by object_key."""
+    """Body of ``POST complete`` (seed §3.2); an upsert by object_key.
+
+    ``checksum_algorithm`` and ``checksum`` (issue 11) are what storage verified on
+    arrival: the backend checks that the stored object has that checksum and records
+    it. With them, ``etag`` may be left out (a retried PUT whose first answer was lost:
+    the client never saw the ETag, and asks the backend to find the object by its size
+    and checksum); the seed's shape always has it.
+    """
 
     object_key: str
-    etag: str
+    etag: str | None = None
     size_bytes: JsonInt = Field(ge=0)
     content_type: ContentType
     public_url: str
+    checksum_algorithm: ChecksumAlgorithm | None = None
+    checksum: Checksum | None = None
+
+    @model_validator(mode="after")
+    def _identified(self) -> CompleteRequest:
+        _checksum_pair(self.checksum_algorithm, self.checksum)
+        if self.etag is None and self.checksum is None:
+            raise ValueError("give etag, or checksum_algorithm and checksum")
+        return self
 
 
 class DeleteRequest(_Request):
@@ -172,6 +241,14 @@ class StatusResponse(_Response):
     """Answer of ``complete`` and ``delete``: ``{"status": "ok"}``."""
 
     status: str
+
+
+class CompleteResponse(StatusResponse):
+    """Answer of ``complete``: ``{"status": "ok"}``, and what the backend recorded
+    when it says so (issue 11; the seed's backends answer the status alone)."""
+
+    etag: str | None = None
+    checksum: str | None = None
 
 
 ResponseT = TypeVar("ResponseT", bound=_Response)
@@ -216,14 +293,34 @@ class MultipartInitiateRequest(_Request):
     content_type: ContentType
     content_length: JsonInt = Field(ge=0)
     part_size: JsonInt | None = Field(default=None, ge=1)
+    #: Declare a full-object CRC64NVME (issue 11): parts are signed with their own
+    #: checksums, and complete checks the whole object's.
+    checksum_algorithm: ChecksumAlgorithm | None = None
+    checksum_type: ChecksumType | None = None
+    #: Ask that complete refuse (412) to replace an object already at the key.
+    if_none_match: IfNoneMatch | None = None
+
+    @model_validator(mode="after")
+    def _checksum_declared_whole(self) -> MultipartInitiateRequest:
+        if (self.checksum_algorithm is None) != (self.checksum_type is None):
+            raise ValueError("give checksum_algorithm and checksum_type together, or neither")
+        return self
 
 
 class MultipartInitiateResponse(_Response):
-    """Answer of ``POST multipart/initiate``."""
+    """Answer of ``POST multipart/initiate``.
+
+    The optional fields echo what the backend took on (issue 11): a backend that
+    ignores the request's checksum or condition leaves them out, and the client then
+    knows not to rely on them.
+    """
 
     upload_id: str = Field(min_length=1)
     part_size: JsonInt = Field(ge=1)
     expires_sec: JsonInt | None = Field(default=None, ge=1)
+    checksum_algorithm: str | None = None
+    checksum_type: str | None = None
+    if_none_match: str | None = None
 
 
 class MultipartPresignRequest(_Request):
@@ -232,6 +329,15 @@ class MultipartPresignRequest(_Request):
     object_key: str
     upload_id: str = Field(min_length=1)
     part_numbers: list[JsonInt] = Field(min_length=1, max_length=1000)
+    #: Each part's own CRC64NVME, in the order of ``part_numbers`` (an upload
+    #: initiated with a checksum): signed into its URL as ``x-amz-checksum-crc64nvme``.
+    checksums: list[Checksum] | None = Field(default=None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_checksum_a_part(self) -> MultipartPresignRequest:
+        if self.checksums is not None and len(self.checksums) != len(self.part_numbers):
+            raise ValueError("checksums must give one checksum for each of part_numbers")
+        return self
 
 
 class PresignedPart(_Response):
@@ -263,6 +369,8 @@ class ListedPart(_Response):
     part_number: JsonInt = Field(ge=1, le=10_000)
     etag: str
     size_bytes: JsonInt = Field(ge=0)
+    #: The part's CRC64NVME as storage holds it, when the upload has checksums.
+    checksum: str | None = None
 
 
 class MultipartListResponse(_Response):
@@ -288,13 +396,29 @@ class MultipartCompleteRequest(_Request):
     parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
     size_bytes: JsonInt = Field(ge=0)
     content_type: ContentType
+    #: The whole object's CRC64NVME (an upload initiated with one): storage refuses to
+    #: assemble parts that do not add up to it.
+    checksum_algorithm: ChecksumAlgorithm | None = None
+    checksum_type: ChecksumType | None = None
+    checksum: Checksum | None = None
+    #: Refuse (412) to replace an object already at the key.
+    if_none_match: IfNoneMatch | None = None
+
+    @model_validator(mode="after")
+    def _checksum_given_whole(self) -> MultipartCompleteRequest:
+        _checksum_pair(self.checksum_algorithm, self.checksum)
+        if (self.checksum is None) != (self.checksum_type is None):
+            raise ValueError("give checksum_type with checksum, or neither")
+        return self
 
 
 class MultipartCompleteResponse(_Response):
-    """Answer of ``POST multipart/complete``."""
+    """Answer of ``POST multipart/complete``; ``checksum`` is the whole object's
+    CRC64NVME that storage checked, when it did (issue 11)."""
 
     public_url: str
     etag: str
+    checksum: str | None = None
 
 
 #: Most objects one ``complete-set`` call records.
@@ -316,18 +440,27 @@ class CompleteSetObject(_Request):
     public_url: str | None = None
     upload_id: str | None = Field(default=None, min_length=1)
     parts: list[CompletedPart] | None = Field(default=None, min_length=1, max_length=10_000)
+    #: As for ``complete`` (a stored object) or ``multipart/complete`` (an upload).
+    checksum_algorithm: ChecksumAlgorithm | None = None
+    checksum_type: ChecksumType | None = None
+    checksum: Checksum | None = None
+    #: Multipart members: refuse (412) to replace an object already at the key.
+    if_none_match: IfNoneMatch | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> CompleteSetObject:
+        _checksum_pair(self.checksum_algorithm, self.checksum)
         stored = self.etag is not None or self.public_url is not None
         multipart = self.upload_id is not None or self.parts is not None
+        if self.checksum_type is not None and not multipart:
+            raise ValueError("checksum_type is for multipart uploads only")
         if stored == multipart:
             raise ValueError(
                 "give either etag and public_url (a stored object) or upload_id and "
                 "parts (a multipart upload to assemble)"
             )
-        if stored and (self.etag is None or self.public_url is None):
-            raise ValueError("a stored object needs both etag and public_url")
+        if stored and (self.public_url is None or (self.etag is None and self.checksum is None)):
+            raise ValueError("a stored object needs public_url, and etag or checksum")
         if multipart and (self.upload_id is None or self.parts is None):
             raise ValueError("a multipart upload needs both upload_id and parts")
         return self
@@ -357,6 +490,7 @@ class CompletedObject(_Response):
     object_key: str
     etag: str
     public_url: str
+    checksum: str | None = None
 
 
 class CompleteSetResponse(_Response):

@@ -13,8 +13,10 @@ from typing import Final
 
 __all__ = [
     "MAX_LIST_PARTS",
+    "BadDigest",
     "InvalidPart",
     "NoSuchUpload",
+    "ObjectExists",
     "ObjectInfo",
     "PartsPage",
     "PresignedPut",
@@ -37,19 +39,23 @@ class PresignedPut:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What the store holds for a key: its size and ETag (quotes included)."""
+    """What the store holds for a key: its size and ETag (quotes included), and its
+    whole-object CRC64NVME (S3's base64) when the store keeps one."""
 
     size_bytes: int
     etag: str
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
 class StoredPart:
-    """A part a multipart upload holds: its number, ETag (quotes included) and size."""
+    """A part a multipart upload holds: its number, ETag (quotes included) and size,
+    and its own CRC64NVME (S3's base64) when the upload was declared with checksums."""
 
     part_number: int
     etag: str
     size_bytes: int
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,16 @@ class NoSuchUpload(Exception):
 
 class InvalidPart(Exception):
     """A part named in a completion is missing, differs, or is too small."""
+
+
+class ObjectExists(Exception):
+    """A conditional write (``If-None-Match: *``) found an object at the key: S3's
+    ``412 PreconditionFailed``. Nothing was written."""
+
+
+class BadDigest(Exception):
+    """The bytes do not match the checksum they were sent with: S3's ``400 BadDigest``.
+    Nothing was written."""
 
 
 def all_parts(fetch: Callable[[int | None], PartsPage | None]) -> list[StoredPart] | None:
