@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from ctrlupload import StorageError
+from ctrlupload import StorageError, _checksum
 from ctrlupload.protocol import bare_etag, multipart_etag
 from ctrlupload.server import AssetDB, LocalObjectStore, ObjectInfo, StoredPart
 from ctrlupload.server._store import ObjectStore, PartGrant, UploadGrant, UploadRejected
@@ -38,6 +38,11 @@ from tests.support.local_backend import (
 from tests.support.serve_process import REPO_ROOT, ServeProcess, child_env
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
+
+
+def crc(data: bytes) -> str | None:
+    """The CRC64NVME the local store keeps for an object of these bytes (with awscrt)."""
+    return _checksum.encode(_checksum.crc64nvme(data)) if _checksum.available() else None
 
 
 def parts_etag(data: bytes) -> str:
@@ -190,7 +195,7 @@ def test_a_server_killed_while_publishing_leaves_the_old_or_the_new_object_whole
         assert answer.status_code == 200, answer.text
         assert answer.json()["etag"] == parts_etag(data)
         assert backend.get(KEY).content == data
-        assert backend.store.head(KEY) == type(stored)(len(data), parts_etag(data))
+        assert backend.store.head(KEY) == type(stored)(len(data), parts_etag(data), crc(data))
 
 
 # -- concurrent writers of one key ----------------------------------------------------------
@@ -261,7 +266,7 @@ def test_concurrent_puts_of_one_key_leave_the_etag_of_the_body_stored(
 
     stored = (store.objects_dir / KEY).read_bytes()
     assert stored in (first, second)
-    assert store.head(KEY) == ObjectInfo(len(stored), f'"{md5_hex(stored)}"')
+    assert store.head(KEY) == ObjectInfo(len(stored), f'"{md5_hex(stored)}"', crc(stored))
 
 
 def test_a_put_racing_a_multipart_complete_keeps_the_meta_of_the_file_at_the_key(
@@ -289,7 +294,7 @@ def test_a_put_racing_a_multipart_complete_keeps_the_meta_of_the_file_at_the_key
     # The multipart ETag cannot be computed from the file: it lives in the meta only.
     expected = parts_etag(data) if stored == data else f'"{md5_hex(single)}"'
     assert stored in (data, single)
-    assert store.head(KEY) == ObjectInfo(len(stored), expected)
+    assert store.head(KEY) == ObjectInfo(len(stored), expected, crc(stored))
 
 
 # -- downloads while the object is replaced ------------------------------------------------
@@ -604,7 +609,7 @@ def test_pruning_a_folder_never_races_a_publish_into_it(
     two.join(timeout=10)
 
     assert failures == []
-    assert store.head("a/new") == ObjectInfo(3, f'"{md5_hex(b"new")}"')
+    assert store.head("a/new") == ObjectInfo(3, f'"{md5_hex(b"new")}"', crc(b"new"))
     assert store.head("a/old") is None
 
 

@@ -6,6 +6,11 @@ complete and abort work after a restart. A completed upload keeps its row for a 
 (:data:`COMPLETED_UPLOAD_RETENTION_S`) with the ETag it completed with and a digest of
 its part list, so that a client that lost the answer and completes again gets the same
 answer rather than an error.
+
+An asset row keeps the object's CRC64NVME when storage knows it, and an upload row
+whether it was declared with a checksum and with ``If-None-Match`` (issue 11). A
+database made before them gets the new columns when it is opened (NULL, or "no", in
+the rows it already holds).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ CREATE TABLE IF NOT EXISTS assets (
     content_type TEXT    NOT NULL,
     public_url   TEXT    NOT NULL,
     created_at   TEXT    NOT NULL,
-    updated_at   TEXT    NOT NULL
+    updated_at   TEXT    NOT NULL,
+    checksum     TEXT
 )
 """
 
@@ -41,7 +47,9 @@ CREATE TABLE IF NOT EXISTS multipart_uploads (
     created_at       TEXT    NOT NULL,
     completed_at     TEXT,
     completed_etag   TEXT,
-    completed_digest TEXT
+    completed_digest TEXT,
+    checksum         INTEGER NOT NULL DEFAULT 0,
+    if_none_match    INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -57,8 +65,19 @@ CREATE TABLE IF NOT EXISTS initiate_keys (
 
 _UPLOAD_COLUMNS = (
     "upload_id, object_key, content_type, content_length, part_size, created_at,"
-    " completed_at, completed_etag, completed_digest"
+    " completed_at, completed_etag, completed_digest, checksum, if_none_match"
 )
+_ASSET_COLUMNS = (
+    "object_key, etag, size_bytes, content_type, public_url, created_at, updated_at, checksum"
+)
+#: Columns added since the first schema, by table: what an older database gets on open.
+_ADDED_COLUMNS: Final = {
+    "assets": (("checksum", "TEXT"),),
+    "multipart_uploads": (
+        ("checksum", "INTEGER NOT NULL DEFAULT 0"),
+        ("if_none_match", "INTEGER NOT NULL DEFAULT 0"),
+    ),
+}
 
 #: How long a completed upload's row is kept to answer a repeated complete.
 COMPLETED_UPLOAD_RETENTION_S: Final = 7 * 24 * 3600
@@ -77,6 +96,8 @@ class AssetRow:
     public_url: str
     created_at: str
     updated_at: str
+    #: The object's CRC64NVME (S3's base64), when storage knows it.
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,9 @@ class UploadRow:
     """A multipart upload the backend started.
 
     ``completed_etag`` and ``completed_digest`` are set once it completed: the ETag it
-    answered and a digest of the part list and size it completed with.
+    answered and a digest of the part list and size it completed with. ``checksum``
+    says it was declared with a full-object CRC64NVME, ``if_none_match`` that complete
+    must not replace an object at the key.
     """
 
     upload_id: str
@@ -96,6 +119,13 @@ class UploadRow:
     completed_at: str | None = None
     completed_etag: str | None = None
     completed_digest: str | None = None
+    checksum: bool = False
+    if_none_match: bool = False
+
+    def __post_init__(self) -> None:
+        # SQLite hands the flags back as 0 and 1.
+        object.__setattr__(self, "checksum", bool(self.checksum))
+        object.__setattr__(self, "if_none_match", bool(self.if_none_match))
 
     @property
     def completed(self) -> bool:
@@ -118,6 +148,7 @@ class AssetRecord:
     public_url: str
     upload_id: str | None = None
     digest: str | None = None
+    checksum: str | None = None
 
 
 def _now() -> datetime:
@@ -150,34 +181,57 @@ class AssetDB:
         self._conn.execute(_SCHEMA)
         self._conn.execute(_UPLOADS_SCHEMA)
         self._conn.execute(_IDEMPOTENCY_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an older version up to this schema, in place."""
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {str(row[1]) for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns:
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def upsert(
-        self, object_key: str, etag: str, size_bytes: int, content_type: str, public_url: str
+        self,
+        object_key: str,
+        etag: str,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+        *,
+        checksum: str | None = None,
     ) -> AssetRow:
         """Insert or replace the row for ``object_key``; created_at survives updates."""
         with self._lock:
-            self._upsert_locked(object_key, etag, size_bytes, content_type, public_url)
+            self._upsert_locked(object_key, etag, size_bytes, content_type, public_url, checksum)
             row = self._get_locked(object_key)
         assert row is not None
         return row
 
     def _upsert_locked(
-        self, object_key: str, etag: str, size_bytes: int, content_type: str, public_url: str
+        self,
+        object_key: str,
+        etag: str,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+        checksum: str | None,
     ) -> None:
         now = _stamp(_now())
         self._conn.execute(
             """
             INSERT INTO assets (object_key, etag, size_bytes, content_type, public_url,
-                                created_at, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
+                                created_at, updated_at, checksum)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT(object_key) DO UPDATE SET
                 etag = excluded.etag,
                 size_bytes = excluded.size_bytes,
                 content_type = excluded.content_type,
                 public_url = excluded.public_url,
-                updated_at = excluded.updated_at
+                updated_at = excluded.updated_at,
+                checksum = excluded.checksum
             """,
-            (object_key, etag, size_bytes, content_type, public_url, now, now),
+            (object_key, etag, size_bytes, content_type, public_url, now, now, checksum),
         )
 
     def get(self, object_key: str) -> AssetRow | None:
@@ -187,8 +241,7 @@ class AssetDB:
 
     def _get_locked(self, object_key: str) -> AssetRow | None:
         found = self._conn.execute(
-            "SELECT object_key, etag, size_bytes, content_type, public_url, created_at,"
-            " updated_at FROM assets WHERE object_key = ?",
+            f"SELECT {_ASSET_COLUMNS} FROM assets WHERE object_key = ?",  # noqa: S608
             (object_key,),
         ).fetchone()
         return None if found is None else AssetRow(*found)
@@ -203,8 +256,7 @@ class AssetDB:
         """Every row, ordered by key."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT object_key, etag, size_bytes, content_type, public_url, created_at,"
-                " updated_at FROM assets ORDER BY object_key"
+                f"SELECT {_ASSET_COLUMNS} FROM assets ORDER BY object_key"  # noqa: S608
             ).fetchall()
         return [AssetRow(*row) for row in rows]
 
@@ -220,19 +272,32 @@ class AssetDB:
         *,
         idempotency_key: str | None = None,
         request_digest: str = "",
+        checksum: bool = False,
+        if_none_match: bool = False,
     ) -> UploadRow:
         """Record a multipart upload just started, and the key of the call that did.
 
+        ``checksum`` and ``if_none_match`` record what the upload was declared with.
         Keys older than :data:`IDEMPOTENCY_KEY_RETENTION_S` are dropped on the way.
         """
         now = _now()
-        row = UploadRow(upload_id, object_key, content_type, content_length, part_size, _stamp(now))
+        row = UploadRow(
+            upload_id,
+            object_key,
+            content_type,
+            content_length,
+            part_size,
+            _stamp(now),
+            checksum=checksum,
+            if_none_match=if_none_match,
+        )
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.execute(
                     "INSERT INTO multipart_uploads (upload_id, object_key, content_type,"
-                    " content_length, part_size, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    " content_length, part_size, created_at, checksum, if_none_match)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         upload_id,
                         object_key,
@@ -240,6 +305,8 @@ class AssetDB:
                         content_length,
                         part_size,
                         row.created_at,
+                        int(checksum),
+                        int(if_none_match),
                     ),
                 )
                 if idempotency_key is not None:
@@ -293,6 +360,7 @@ class AssetDB:
         size_bytes: int,
         content_type: str,
         public_url: str,
+        checksum: str | None = None,
     ) -> AssetRow:
         """Record the asset and mark the upload completed, in one transaction.
 
@@ -312,7 +380,9 @@ class AssetDB:
                 if found is None:
                     raise KeyError(upload_id)
                 object_key = str(found[0])
-                self._upsert_locked(object_key, etag, size_bytes, content_type, public_url)
+                self._upsert_locked(
+                    object_key, etag, size_bytes, content_type, public_url, checksum
+                )
                 self._conn.execute(
                     "UPDATE multipart_uploads SET completed_at = ?, completed_etag = ?,"
                     " completed_digest = ? WHERE upload_id = ?",
@@ -346,6 +416,7 @@ class AssetDB:
                         record.size_bytes,
                         record.content_type,
                         record.public_url,
+                        record.checksum,
                     )
                     if record.upload_id is None:
                         continue

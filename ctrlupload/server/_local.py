@@ -2,9 +2,20 @@
 
 Upload URLs point at the reference backend's own ``PUT /upload/{key}`` and are signed
 with HMAC-SHA256 over everything S3's SigV4 presigning binds for a PUT: method, key,
-content type, content length and expiry, as a JSON array (:func:`string_to_sign`), so
-that no field can be crafted to shift text into the next. A URL for one key, type or
-length is useless for another, and an expired one is refused, the way S3 refuses it.
+content type, content length, the signed checksum and condition headers, and expiry, as
+a JSON array (:func:`string_to_sign`), so that no field can be crafted to shift text
+into the next. A URL for one key, type or length is useless for another, and an expired
+one is refused, the way S3 refuses it. A PUT must send exactly the headers its URL was
+signed with: an ``x-amz-checksum-crc64nvme`` or ``If-None-Match`` the URL was not signed
+for, or a signed one left out or changed, gets 403 ``SignatureDoesNotMatch``.
+
+Integrity and conditions are checked as S3 checks them (issue 11). While a body
+streams in, its CRC64NVME is computed along with its MD5 (when ``awscrt`` is installed:
+:attr:`LocalObjectStore.signs_checksums`); a body that does not match its signed
+checksum is refused with ``BadDigest`` and its staging file removed, so the object
+already at the key is untouched. ``If-None-Match: *`` is checked when the body is in,
+under the tree lock and with the rename, so of two conditional PUTs racing for a free
+key exactly one is stored and the other gets ``PreconditionFailed``.
 
 Multipart uploads follow S3 too. A part goes to ``PUT /upload-part/{upload_id}/{n}``,
 signed over the method, key, upload id, part number, exact length and expiry (not the
@@ -15,15 +26,20 @@ content type: S3's UploadPart has none of its own). Layout under ``data_dir``::
     signing.key                        the HMAC key of its URLs (32 bytes, mode 0600)
                                        unless one is given; kept across restarts
     objects/<key>                      the stored objects
-    meta/<key>                         their ETags, "<etag> <size> <mtime ns> <inode>"
+    meta/<key>                         their ETags and checksums, "<etag> <size>
+                                       <mtime ns> <inode> [<crc64nvme base64>]"
+                                       (older metas have no checksum, some no inode)
     staging/<random>.part              bodies being received (swept at start)
     staging/multipart/<upload_id>/     one multipart upload (kept across restarts)
         data                           the parts, written in place: part n at
                                        (n - 1) * part_size (made at initiate)
         part_size                      the size of every part but the last
+        checksum                       "CRC64NVME FULL_OBJECT" when the upload was
+                                       declared with a checksum (absent otherwise)
         object_key                     the key it is for (written last, removed first)
-        <n>.md5                        part n's record, "<md5 hex> <size>", written
-                                       only once all its bytes are in ``data``
+        <n>.md5                        part n's record, "<md5 hex> <size> [<crc64nvme
+                                       base64>]", written only once all its bytes are
+                                       in ``data`` (and match their signed checksum)
 
 An object's meta is written before the file is renamed to its key, and names the
 file's inode, size and mtime, which the rename keeps. A meta that does not describe the
@@ -46,8 +62,12 @@ and complete check; where power loss must be survived, run with ``sync_parts=Tru
 ``complete`` of consecutive whole parts truncates ``data`` to the
 object's size, fsyncs it and renames it into ``objects/``; otherwise the parts are
 copied in order into a new file first (kernel-side with ``copy_file_range`` where it
-can). Nothing recreates ``data``: an upload folder that lists parts but has no ``data``
-was published by a completion that died before removing the folder, and it answers
+can). The object's CRC64NVME is combined from the parts' (no second read), and a
+complete given the whole object's checksum refuses (``BadDigest``) parts that do not
+add up to it before anything is published; a conditional complete finds the key taken
+(``ObjectExists``) under the tree lock, with the rename, and the upload stays.
+Nothing recreates ``data``: an upload folder that lists parts but has no ``data`` was
+published by a completion that died before removing the folder, and it answers
 ``NoSuchUpload`` (the app then checks the stored object against the part list). (A
 folder with neither was started by an older version, and gets an empty ``data``.)
 A lock per upload (striped) orders part records, completion and abort.
@@ -56,6 +76,7 @@ A lock per upload (striped) orders part records, completion and abort.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -65,6 +86,7 @@ import os
 import re
 import secrets
 import shutil
+import stat as stat_module
 import threading
 import time
 import weakref
@@ -73,14 +95,17 @@ from pathlib import Path
 from typing import BinaryIO, Final, Self
 from urllib.parse import quote, urlencode
 
+from .. import _checksum
 from .._errors import StorageError
 from ..protocol._contract import bare_etag
 from ..protocol._parts import MAX_PARTS, multipart_etag
 from ._locks import StripedLocks
 from ._store import (
+    BadDigest,
     IncompleteBody,
     InvalidPart,
     NoSuchUpload,
+    ObjectExists,
     ObjectInfo,
     PartGrant,
     PartsPage,
@@ -99,6 +124,8 @@ _UPLOAD_ID: Final = re.compile(r"[0-9a-f]{32}")
 _KEY_FILE: Final = "object_key"
 _PART_SIZE_FILE: Final = "part_size"
 _DATA_FILE: Final = "data"
+_CHECKSUM_FILE: Final = "checksum"
+_DECLARED_CHECKSUM: Final = f"{_checksum.ALGORITHM} FULL_OBJECT"
 _LOCK_FILE: Final = ".lock"
 _SIGNING_KEY_FILE: Final = "signing.key"
 #: Bytes of a new signing key: 256 bits, the size of an HMAC-SHA256 digest.
@@ -109,20 +136,23 @@ _NO_KERNEL_COPY: Final = frozenset(
 )
 
 
-#: Names the encoding of the signed text; a new encoding gets a new tag.
-SIGNING_VERSION: Final = "ctrlupload-local-v2"
+#: Names the encoding of the signed text; a new encoding gets a new tag. v3 signs the
+#: checksum and the condition (URLs signed by v2 no longer fit: they expire anyway).
+SIGNING_VERSION: Final = "ctrlupload-local-v3"
 
 
 def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
-    """The canonical text a signature covers: method, key, type, length and expiry.
+    """The canonical text a signature covers: method, key, type, length, headers, expiry.
 
-    A part's text also names the upload and part number instead of the content type,
-    behind an ``UploadPart`` label. The fields are a JSON array behind a version tag:
-    each string is quoted and escaped, so no choice of key or content type (a newline
-    in either, say) makes one grant's text equal another's, and no object URL's
-    signature fits a part's.
+    The signed headers are the ``x-amz-checksum-crc64nvme`` value (null when none is
+    signed) and, for an object, ``If-None-Match`` (``*`` or null). A part's text also
+    names the upload and part number instead of the content type, behind an
+    ``UploadPart`` label. The fields are a JSON array behind a version tag: each string
+    is quoted and escaped, so no choice of key or content type (a newline in either,
+    say) makes one grant's text equal another's, and no object URL's signature fits a
+    part's.
     """
-    fields: list[str | int]
+    fields: list[str | int | None]
     if isinstance(grant, PartGrant):
         fields = [
             SIGNING_VERSION,
@@ -132,6 +162,7 @@ def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
             grant.upload_id,
             grant.part_number,
             grant.content_length,
+            grant.checksum,
             grant.expires_at,
         ]
     else:
@@ -142,6 +173,8 @@ def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
             grant.key,
             grant.content_type,
             grant.content_length,
+            grant.checksum,
+            "*" if grant.if_none_match else None,
             grant.expires_at,
         ]
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
@@ -149,12 +182,14 @@ def string_to_sign(grant: UploadGrant | PartGrant) -> bytes:
 
 _BAD_SIGNATURE: Final = (
     "The request signature we calculated does not match the signature you provided "
-    "(key, Content-Type and Content-Length are signed)"
+    "(key, Content-Type, Content-Length, x-amz-checksum-crc64nvme and If-None-Match "
+    "are signed)"
 )
 _BAD_PART_SIGNATURE: Final = (
     "The request signature we calculated does not match the signature you provided "
-    "(key, upload id, part number and Content-Length are signed)"
+    "(key, upload id, part number, Content-Length and x-amz-checksum-crc64nvme are signed)"
 )
+_BAD_DIGEST: Final = "The CRC64NVME you specified did not match the calculated checksum."
 
 
 class LocalObjectStore:
@@ -258,15 +293,58 @@ class LocalObjectStore:
         supplied = str(signature).encode("utf-8", "surrogatepass")
         return hmac.compare_digest(self._sign(grant).encode("ascii"), supplied)
 
+    @property
+    def signs_checksums(self) -> bool:
+        """Whether CRC64NVME checksums are signed and verified here (awscrt is installed)."""
+        return _checksum.available()
+
+    def _checked_checksum(self, checksum: str | None) -> str | None:
+        """``checksum`` if it can be signed here; ValueError for one that cannot."""
+        if checksum is None:
+            return None
+        if not self.signs_checksums:
+            raise ValueError(f"this store cannot verify CRC64NVME: {_checksum.INSTALL_HINT}")
+        if _checksum.decode(checksum) is None:
+            raise ValueError("checksum must be the base64 of a CRC64NVME's eight bytes")
+        return checksum
+
     def presign_put(
-        self, key: str, content_type: str, content_length: int, expires_sec: int
+        self,
+        key: str,
+        content_type: str,
+        content_length: int,
+        expires_sec: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> PresignedPut:
-        """Sign a URL for one PUT of exactly this key, content type and length."""
-        grant = UploadGrant(key, content_type, content_length, int(self._clock()) + expires_sec)
+        """Sign a URL for one PUT of exactly this key, content type and length.
+
+        With ``checksum`` the body must match it; with ``if_none_match`` the PUT stores
+        nothing if an object is at the key by then. Both headers are signed, and
+        returned in ``headers``.
+
+        Raises:
+            ValueError: A checksum this store cannot verify (no awscrt) or not S3's
+                spelling of a CRC64NVME.
+        """
+        grant = UploadGrant(
+            key,
+            content_type,
+            content_length,
+            int(self._clock()) + expires_sec,
+            checksum=self._checked_checksum(checksum),
+            if_none_match=if_none_match,
+        )
         query = urlencode({"expires": grant.expires_at, "signature": self._sign(grant)})
+        headers = {"Content-Type": content_type}
+        if grant.checksum is not None:
+            headers[_checksum.HEADER] = grant.checksum
+        if if_none_match:
+            headers["If-None-Match"] = "*"
         return PresignedPut(
             upload_url=f"{self.base_url}/upload/{quote(key, safe='/')}?{query}",
-            headers={"Content-Type": content_type},
+            headers=headers,
             expires_sec=expires_sec,
         )
 
@@ -282,29 +360,64 @@ class LocalObjectStore:
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
+        if_none_match: str | None = None,
     ) -> UploadGrant:
         """Check an upload request against its signature, like S3 does.
 
+        ``checksum`` and ``if_none_match`` are the request's ``x-amz-checksum-crc64nvme``
+        and ``If-None-Match`` headers, None when absent; both are signed.
+
         Raises:
             UploadRejected: 403 ``AccessDenied`` when unsigned or expired, 403
-                ``SignatureDoesNotMatch`` when anything signed differs.
+                ``SignatureDoesNotMatch`` when anything signed differs (a signed header
+                left out, or one the URL was not signed with), 400 ``InvalidRequest``
+                for a signed checksum this store can no longer verify.
         """
-        grant = UploadGrant(key, content_type, content_length, _expiry(expires, signature))
+        expires_at = _expiry(expires, signature)
+        if if_none_match not in (None, "*"):
+            # No URL of this store is signed for any other condition.
+            raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_SIGNATURE)
+        grant = UploadGrant(
+            key,
+            content_type,
+            content_length,
+            expires_at,
+            checksum=checksum,
+            if_none_match=if_none_match == "*",
+        )
         if not self._signature_fits(grant, signature):
             raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_SIGNATURE)
         if self._clock() > grant.expires_at:
             raise UploadRejected(403, "AccessDenied", "Request has expired")
+        _check_verifiable(grant.checksum)
         return grant
 
     def receive(self, grant: UploadGrant, body: BinaryIO) -> ObjectInfo:
         """Stream exactly ``grant.content_length`` bytes to disk and publish atomically.
 
+        The body's CRC64NVME is computed on the way (when awscrt is installed) and kept
+        in the object's meta.
+
         Raises:
             IncompleteBody: The body ended early; nothing is stored.
+            BadDigest: The body does not match ``grant.checksum``; nothing is stored,
+                and the object at the key (if any) is untouched.
+            ObjectExists: ``grant.if_none_match``, and an object is at the key when the
+                body is in; nothing is stored.
         """
-        temp_path, md5_hex, stat = self._receive_to_temp(body, grant.content_length, sync=True)
+        temp_path, md5_hex, crc, stat = self._receive_to_temp(body, grant.content_length, sync=True)
         try:
-            return self._publish(grant.key, stat, temp_path, f'"{md5_hex}"')
+            if grant.checksum is not None and _checksum.decode(grant.checksum) != crc:
+                raise BadDigest(_BAD_DIGEST)
+            return self._publish(
+                grant.key,
+                stat,
+                temp_path,
+                f'"{md5_hex}"',
+                None if crc is None else _checksum.encode(crc),
+                if_none_match=grant.if_none_match,
+            )
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
@@ -312,15 +425,22 @@ class LocalObjectStore:
 
     def _receive_to_temp(
         self, body: BinaryIO, length: int, *, sync: bool
-    ) -> tuple[Path, str, os.stat_result]:
-        """Stream exactly ``length`` bytes into a staging file; its path, MD5 and fstat."""
+    ) -> tuple[Path, str, int | None, os.stat_result]:
+        """Stream exactly ``length`` bytes into a staging file.
+
+        Returns:
+            Its path, MD5, CRC64NVME (None without awscrt) and fstat.
+        """
         md5 = hashlib.md5(usedforsecurity=False)
+        crc: int | None = 0 if self.signs_checksums else None
         fd, temp_name = _mkstemp(self.staging_dir)
         temp_path = Path(temp_name)
         try:
             with open(fd, "wb", buffering=0) as handle:
                 for block in _body_blocks(body, length):
                     md5.update(block)
+                    if crc is not None:
+                        crc = _checksum.crc64nvme(block, crc)
                     while block:
                         block = block[handle.write(block) :]
                 if sync:
@@ -330,7 +450,7 @@ class LocalObjectStore:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             raise
-        return temp_path, md5.hexdigest(), stat
+        return temp_path, md5.hexdigest(), crc, stat
 
     # -- multipart uploads -----------------------------------------------------------
 
@@ -373,19 +493,31 @@ class LocalObjectStore:
             raise NoSuchUpload(f"multipart upload {upload_id!r} was already completed")
         os.close(os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT, 0o666))
 
-    def create_multipart(self, key: str, content_type: str, part_size: int) -> str:
+    def create_multipart(
+        self, key: str, content_type: str, part_size: int, *, checksum: bool = False
+    ) -> str:
         """Start a multipart upload of ``key``; its id is 32 random hex digits.
 
         Parts are written in place, part ``n`` at ``(n - 1) * part_size`` of one data
         file, so that completing an upload of consecutive parts is a rename, not a copy.
+        With ``checksum`` the upload is declared CRC64NVME ``FULL_OBJECT``: its parts may
+        be signed with their own checksums, and list-parts reports them.
+
+        Raises:
+            ValueError: ``checksum`` without awscrt.
         """
         del content_type  # recorded by the backend; objects here keep no content type
+        if checksum and not self.signs_checksums:
+            raise ValueError(f"this store cannot verify CRC64NVME: {_checksum.INSTALL_HINT}")
         upload_id = secrets.token_hex(16)
         folder = self.multipart_dir / upload_id
         folder.mkdir(parents=True)
         # The data file first and the key last: an upload is listed only once complete.
         os.close(os.open(folder / _DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        for name, text in ((_PART_SIZE_FILE, str(part_size)), (_KEY_FILE, key)):
+        files = [(_PART_SIZE_FILE, str(part_size))]
+        if checksum:
+            files.append((_CHECKSUM_FILE, _DECLARED_CHECKSUM))
+        for name, text in [*files, (_KEY_FILE, key)]:
             fd, temp_name = _mkstemp(self.staging_dir)
             with open(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -395,16 +527,37 @@ class LocalObjectStore:
         return upload_id
 
     def presign_part(
-        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        content_length: int,
+        expires_sec: int,
+        *,
+        checksum: str | None = None,
     ) -> PresignedPut:
-        """Sign a URL for one PUT of this part of this upload, with exactly this length."""
+        """Sign a URL for one PUT of this part of this upload, with exactly this length.
+
+        With ``checksum`` the part's bytes must match it (the header is signed, and
+        returned in ``headers``). The upload must have been declared with a checksum
+        for the PUT to be taken, as S3 wants.
+
+        Raises:
+            ValueError: A checksum this store cannot verify.
+        """
         grant = PartGrant(
-            key, upload_id, part_number, content_length, int(self._clock()) + expires_sec
+            key,
+            upload_id,
+            part_number,
+            content_length,
+            int(self._clock()) + expires_sec,
+            checksum=self._checked_checksum(checksum),
         )
         query = urlencode({"expires": grant.expires_at, "signature": self._sign(grant)})
+        headers = {} if grant.checksum is None else {_checksum.HEADER: grant.checksum}
         return PresignedPut(
             upload_url=f"{self.base_url}/upload-part/{upload_id}/{part_number}?{query}",
-            headers={},
+            headers=headers,
             expires_sec=expires_sec,
         )
 
@@ -416,12 +569,17 @@ class LocalObjectStore:
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
     ) -> PartGrant:
         """Check a part upload against its signature, like S3 does.
 
+        ``checksum`` is the request's ``x-amz-checksum-crc64nvme`` (None when absent),
+        covered by the signature.
+
         Raises:
-            UploadRejected: 403 as for :meth:`authorize`, or 400 ``InvalidArgument`` for
-                a part number outside 1 to 10,000.
+            UploadRejected: 403 as for :meth:`authorize`, 400 ``InvalidArgument`` for
+                a part number outside 1 to 10,000, or 400 ``InvalidRequest`` for a
+                checksum on an upload not declared with one.
             NoSuchUpload: The upload does not exist (never started, aborted, completed).
         """
         if not 1 <= part_number <= MAX_PARTS:
@@ -430,26 +588,37 @@ class LocalObjectStore:
             )
         expires_at = _expiry(expires, signature)
         with self._upload_lock(upload_id):
-            _, key = self._open_upload(upload_id, None)
-        grant = PartGrant(key, upload_id, part_number, content_length, expires_at)
+            folder, key = self._open_upload(upload_id, None)
+            declared = _declares_checksum(folder)
+        grant = PartGrant(key, upload_id, part_number, content_length, expires_at, checksum)
         if not self._signature_fits(grant, signature):
             raise UploadRejected(403, "SignatureDoesNotMatch", _BAD_PART_SIGNATURE)
         if self._clock() > expires_at:
             raise UploadRejected(403, "AccessDenied", "Request has expired")
+        if checksum is not None and not declared:
+            raise UploadRejected(
+                400,
+                "InvalidRequest",
+                "Checksum Type mismatch occurred, expected checksum Type: null, "
+                "actual checksum Type: crc64nvme",
+            )
+        _check_verifiable(checksum)
         return grant
 
     def receive_part(self, grant: PartGrant, body: BinaryIO) -> ObjectInfo:
         """Stream one part into its place in the upload's data file.
 
-        The part's record (MD5 and size) is removed before its bytes are written and
-        written again only once all of them are, so a part cut short, or re-sent over
-        an earlier copy, is never listed until it is whole.
+        The part's record (MD5, size and CRC64NVME) is removed before its bytes are
+        written and written again only once all of them are (and match the signed
+        checksum), so a part cut short, corrupted, or re-sent over an earlier copy, is
+        never listed until it is whole.
 
         Returns:
-            The part's size and ETag (its MD5, quoted).
+            The part's size, ETag (its MD5, quoted) and CRC64NVME (without awscrt, None).
 
         Raises:
             IncompleteBody: The body ended early; the part is not held.
+            BadDigest: The bytes do not match ``grant.checksum``; the part is not held.
             NoSuchUpload: The upload was aborted or completed meanwhile.
         """
         with self._upload_lock(grant.upload_id):
@@ -466,10 +635,13 @@ class LocalObjectStore:
             except FileNotFoundError:
                 raise NoSuchUpload(f"no multipart upload {grant.upload_id!r}") from None
             md5 = hashlib.md5(usedforsecurity=False)
+            crc: int | None = 0 if self.signs_checksums else None
             try:
                 offset = (grant.part_number - 1) * part_size
                 for block in _body_blocks(body, grant.content_length):
                     md5.update(block)
+                    if crc is not None:
+                        crc = _checksum.crc64nvme(block, crc)
                     while block:
                         written = os.pwrite(fd, block, offset)
                         block = block[written:]
@@ -478,10 +650,16 @@ class LocalObjectStore:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
+            if grant.checksum is not None and _checksum.decode(grant.checksum) != crc:
+                raise BadDigest(_BAD_DIGEST)  # its record is gone: the part is not held
+            encoded = None if crc is None else _checksum.encode(crc)
+            text = f"{md5.hexdigest()} {grant.content_length}"
             with self._upload_lock(grant.upload_id):
                 self._open_upload(grant.upload_id, grant.key)  # not aborted meanwhile
-                _write_small(self.staging_dir, record, f"{md5.hexdigest()} {grant.content_length}")
-        return ObjectInfo(size_bytes=grant.content_length, etag=f'"{md5.hexdigest()}"')
+                _write_small(
+                    self.staging_dir, record, text if encoded is None else f"{text} {encoded}"
+                )
+        return ObjectInfo(grant.content_length, f'"{md5.hexdigest()}"', encoded)
 
     def _part_size(self, folder: Path) -> int:
         try:
@@ -490,10 +668,17 @@ class LocalObjectStore:
             raise NoSuchUpload(f"multipart upload in {folder.name} has no part size") from None
 
     def _part_info(self, folder: Path, part_number: int) -> StoredPart | None:
-        """Part ``part_number`` as held (it has a record), or None."""
+        """Part ``part_number`` as held (it has a record), or None.
+
+        Its checksum is the CRC64NVME computed as it arrived (None in a record written
+        without awscrt, or by an older version).
+        """
         try:
-            md5_hex, size = (folder / f"{part_number}.md5").read_text(encoding="ascii").split()
-            return StoredPart(part_number, f'"{md5_hex}"', int(size))
+            md5_hex, size, *crc = (
+                (folder / f"{part_number}.md5").read_text(encoding="ascii").split()
+            )
+            checksum = crc[0] if len(crc) == 1 and _checksum.decode(crc[0]) is not None else None
+            return StoredPart(part_number, f'"{md5_hex}"', int(size), checksum)
         except (OSError, ValueError):
             return None
 
@@ -514,21 +699,41 @@ class LocalObjectStore:
             )
             wanted = [number for number in numbers if number > part_number_marker]
             # Read the records of this page only (and learn whether another follows).
-            held = (self._part_info(folder, number) for number in wanted[: max_parts + 1])
-            return page_parts([part for part in held if part is not None], 0, max_parts)
+            held = [self._part_info(folder, number) for number in wanted[: max_parts + 1]]
+            parts = [part for part in held if part is not None]
+            if not _declares_checksum(folder):
+                # As S3: an upload without a checksum algorithm lists none.
+                parts = [dataclasses.replace(part, checksum=None) for part in parts]
+            return page_parts(parts, 0, max_parts)
 
     def complete_multipart(
-        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[StoredPart],
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> ObjectInfo:
         """Copy ``parts`` in order into the object, publish it atomically, drop the upload.
 
         Each part must still be held with the ETag and size given; the check and the
         copy run under the upload's lock, so a part re-sent meanwhile cannot slip in.
+        The object's CRC64NVME is combined from its parts' (when awscrt is installed).
+
+        Args:
+            checksum: The whole object's CRC64NVME: the parts must add up to it.
+            if_none_match: Publish only if no object is at the key (checked with the
+                rename, under the tree lock).
 
         Raises:
             NoSuchUpload: No such upload for this key, or it was assembled already (a
                 crash came after publishing and before the folder was removed).
             InvalidPart: A part is missing or differs from the one given.
+            BadDigest: The parts do not add up to ``checksum``; nothing is published and
+                the upload stays.
+            ObjectExists: ``if_none_match`` and an object is at the key; nothing is
+                published and the upload stays.
             UploadRejected: 400 ``InvalidArgument`` when the file system cannot hold the
                 key.
         """
@@ -537,6 +742,7 @@ class LocalObjectStore:
         part_names = [f"{upload_id}/{part.part_number}" for part in parts]
         with self._part_lock.hold(part_names), self._upload_lock(upload_id):
             folder, _ = self._open_upload(upload_id, key)
+            held_parts = []
             for wanted in parts:
                 held = self._part_info(folder, wanted.part_number)
                 if held is None:
@@ -546,7 +752,21 @@ class LocalObjectStore:
                     wanted.size_bytes,
                 ):
                     raise InvalidPart(f"part {wanted.part_number} changed since it was listed")
+                held_parts.append(held)
             part_size = self._part_size(folder)
+            whole_crc = self._combined_crc(folder / _DATA_FILE, part_size, held_parts)
+            if checksum is not None and (
+                whole_crc is None or _checksum.decode(checksum) != whole_crc
+            ):
+                raise BadDigest(
+                    "The parts do not add up to the CRC64NVME given for the whole object"
+                    if whole_crc is not None
+                    else "This store cannot compute CRC64NVME to check the whole object's"
+                )
+            whole = None if whole_crc is None else _checksum.encode(whole_crc)
+            if if_none_match and self._holds_object(key):
+                # Before the data file is cut to size: the upload stays as it was.
+                raise ObjectExists(f"an object is already stored at '{key}'")
             total = sum(part.size_bytes for part in parts)
             in_place = all(
                 part.part_number == index + 1
@@ -566,16 +786,69 @@ class LocalObjectStore:
                 try:
                     os.ftruncate(fd, total)
                     os.fsync(fd)
-                    info = self._publish(key, os.fstat(fd), data, etag)
+                    info = self._publish(
+                        key, os.fstat(fd), data, etag, whole, if_none_match=if_none_match
+                    )
+                except BaseException:
+                    # Not published: the parts past the last one lost their bytes to the
+                    # truncation, so they must not stay listed.
+                    _forget_parts_after(folder, len(parts))
+                    raise
                 finally:
                     os.close(fd)
             else:
-                info = self._assemble_copy(key, data, part_size, parts, etag)
+                info = self._assemble_copy(
+                    key, data, part_size, parts, etag, whole, if_none_match=if_none_match
+                )
             _drop_upload(folder)
         return info
 
+    def _combined_crc(self, data: Path, part_size: int, parts: Sequence[StoredPart]) -> int | None:
+        """The CRC64NVME of ``parts`` end to end, combined from each part's own.
+
+        A part recorded without its CRC (by an older version) is read from ``data``.
+        None without awscrt, or if such a part's bytes are short.
+        """
+        if not self.signs_checksums:
+            return None
+        pieces: list[tuple[int, int]] = []
+        with open(data, "rb", buffering=0) as source:
+
+            def read_at(offset: int, size: int) -> bytes:
+                return os.pread(source.fileno(), size, offset)
+
+            for part in parts:
+                crc = None if part.checksum is None else _checksum.decode(part.checksum)
+                if crc is None:
+                    crc = _checksum.crc_of_range(
+                        read_at,
+                        (part.part_number - 1) * part_size,
+                        part.size_bytes,
+                    )
+                    if crc is None:
+                        return None
+                pieces.append((crc, part.size_bytes))
+        return _checksum.combine_all(pieces)
+
+    def _holds_object(self, key: str) -> bool:
+        """Whether a file is stored at ``key`` (a folder of that name is no object)."""
+        try:
+            return stat_module.S_ISREG(os.stat(self._path(key)).st_mode)
+        except OSError as exc:
+            if _means_absent(exc):
+                return False
+            raise
+
     def _assemble_copy(
-        self, key: str, data: Path, part_size: int, parts: Sequence[StoredPart], etag: str
+        self,
+        key: str,
+        data: Path,
+        part_size: int,
+        parts: Sequence[StoredPart],
+        etag: str,
+        checksum: str | None,
+        *,
+        if_none_match: bool,
     ) -> ObjectInfo:
         """Copy non-consecutive parts out of the data file into the object, in order."""
         fd, temp_name = _mkstemp(self.staging_dir)
@@ -588,7 +861,14 @@ class LocalObjectStore:
                     if copied != wanted.size_bytes:
                         raise InvalidPart(f"part {wanted.part_number} is shorter than listed")
                 os.fsync(out.fileno())
-                return self._publish(key, os.fstat(out.fileno()), temp_path, etag)
+                return self._publish(
+                    key,
+                    os.fstat(out.fileno()),
+                    temp_path,
+                    etag,
+                    checksum,
+                    if_none_match=if_none_match,
+                )
         except BaseException:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
@@ -603,8 +883,21 @@ class LocalObjectStore:
                 return
             _drop_upload(folder)
 
-    def _publish(self, key: str, stat: os.stat_result, path: Path, etag: str) -> ObjectInfo:
+    def _publish(
+        self,
+        key: str,
+        stat: os.stat_result,
+        path: Path,
+        etag: str,
+        checksum: str | None,
+        *,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
         """Rename the finished file ``path`` (``stat`` is its fstat) over the object at ``key``.
+
+        With ``if_none_match``, an object already at the key is kept and nothing is
+        published: the check is under the lock that orders every publish and delete,
+        so it holds until the rename (of two conditional publishes, one wins).
 
         The meta goes first, tied to the file's own inode, size and mtime, which the
         rename keeps: a meta left by a crash before the rename describes no file at the
@@ -615,31 +908,37 @@ class LocalObjectStore:
 
         Raises:
             UploadRejected: 400 when the file system cannot hold the key.
+            ObjectExists: ``if_none_match`` and a file is at the key.
         """
         with self._tree_lock, _collisions_refused():
-            self._write_meta(key, etag, stat)
+            if if_none_match and self._holds_object(key):
+                raise ObjectExists(f"an object is already stored at '{key}'")
+            self._write_meta(key, etag, stat, checksum)
             target = self._path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-        return ObjectInfo(size_bytes=stat.st_size, etag=etag)
+        return ObjectInfo(size_bytes=stat.st_size, etag=etag, checksum=checksum)
 
-    def _write_meta(self, key: str, etag: str, stat: os.stat_result) -> None:
-        """Remember the ETag of the file ``stat`` describes, atomically."""
+    def _write_meta(self, key: str, etag: str, stat: os.stat_result, checksum: str | None) -> None:
+        """Remember the ETag and checksum of the file ``stat`` describes, atomically."""
         meta = self._meta_path(key)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        _write_small(self.staging_dir, meta, _meta_text(etag, stat))
+        _write_small(self.staging_dir, meta, _meta_text(etag, stat, checksum))
 
     def _read_meta(self, key: str, stat: os.stat_result) -> ObjectInfo | None:
-        """The remembered ETag, if it was written for the very file ``stat`` describes."""
+        """The remembered ETag and checksum, if written for the very file ``stat`` describes."""
         try:
             etag, *tied = self._meta_path(key).read_text(encoding="ascii").split()
         except (OSError, UnicodeDecodeError, ValueError):
             return None
         own = [str(stat.st_size), str(stat.st_mtime_ns), str(stat.st_ino)]
-        # Older versions wrote no inode (and wrote the meta after the rename).
+        checksum = None
+        if len(tied) == 4 and _checksum.decode(tied[3]) is not None:
+            checksum = tied.pop()
+        # Older versions wrote no checksum, some no inode (and the meta after the rename).
         if tied not in (own, own[:2]):
             return None  # another file, or one changed behind our back: recompute
-        return ObjectInfo(size_bytes=stat.st_size, etag=etag)
+        return ObjectInfo(size_bytes=stat.st_size, etag=etag, checksum=checksum)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of the stored file, or None."""
@@ -666,12 +965,12 @@ class LocalObjectStore:
             ) from exc
 
     def open(self, key: str) -> tuple[BinaryIO, ObjectInfo] | None:
-        """The stored file open for reading, with its size and ETag; None when absent.
+        """The stored file open for reading, with its size, ETag and checksum; None when absent.
 
-        Both describe the very file opened, even if the key is being replaced: the size
+        All describe the very file opened, even if the key is being replaced: the size
         is the open file's, and the meta counts only if it was written for that file
-        (same inode, size and mtime). Otherwise the MD5 is computed from the open file,
-        which is then rewound.
+        (same inode, size and mtime). Otherwise the MD5 (and CRC64NVME, with awscrt)
+        is computed from the open file, which is then rewound.
         """
         try:
             handle = open(self._path(key), "rb")  # noqa: SIM115 (the caller closes it)
@@ -683,7 +982,9 @@ class LocalObjectStore:
             stat = os.fstat(handle.fileno())
             info = self._read_meta(key, stat)
             if info is None:
-                info = ObjectInfo(size_bytes=stat.st_size, etag=f'"{_md5_of(handle)}"')
+                md5_hex, crc = _digests_of(handle, crc=self.signs_checksums)
+                checksum = None if crc is None else _checksum.encode(crc)
+                info = ObjectInfo(stat.st_size, f'"{md5_hex}"', checksum)
                 handle.seek(0)
         except BaseException:
             handle.close()
@@ -849,8 +1150,36 @@ def _collisions_refused() -> Iterator[None]:
         raise
 
 
-def _meta_text(etag: str, stat: os.stat_result) -> str:
-    return f"{etag} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+def _meta_text(etag: str, stat: os.stat_result, checksum: str | None) -> str:
+    text = f"{etag} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+    return text if checksum is None else f"{text} {checksum}"
+
+
+def _declares_checksum(folder: Path) -> bool:
+    """Whether the upload in ``folder`` was declared with a CRC64NVME."""
+    try:
+        return (folder / _CHECKSUM_FILE).read_text(encoding="ascii") == _DECLARED_CHECKSUM
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_verifiable(checksum: str | None) -> None:
+    """400 for a signed checksum this process cannot check (awscrt went missing)."""
+    if checksum is not None and not _checksum.available():
+        raise UploadRejected(
+            400,
+            "InvalidRequest",
+            f"this store cannot verify x-amz-checksum-crc64nvme ({_checksum.INSTALL_HINT})",
+        )
+
+
+def _forget_parts_after(folder: Path, last: int) -> None:
+    """Remove the records of the parts numbered above ``last``."""
+    for name in os.listdir(folder):
+        stem, _, suffix = name.partition(".")
+        if suffix == "md5" and stem.isdigit() and int(stem) > last:
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
 
 
 def _drop_upload(folder: Path) -> None:
@@ -902,12 +1231,15 @@ def _prune_empty_parents(root: Path, path: Path) -> None:
         folder = folder.parent
 
 
-def _md5_of(handle: BinaryIO) -> str:
-    """The MD5 of the rest of ``handle``, read a block at a time."""
+def _digests_of(handle: BinaryIO, *, crc: bool) -> tuple[str, int | None]:
+    """The MD5 of the rest of ``handle``, and its CRC64NVME when ``crc``, in one read."""
     md5 = hashlib.md5(usedforsecurity=False)
+    value: int | None = 0 if crc else None
     while block := handle.read(RECEIVE_BLOCK_BYTES):
         md5.update(block)
-    return md5.hexdigest()
+        if value is not None:
+            value = _checksum.crc64nvme(block, value)
+    return md5.hexdigest(), value
 
 
 def _means_absent(exc: OSError) -> bool:

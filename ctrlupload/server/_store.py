@@ -7,6 +7,12 @@ S3 PUTs with boto3 for AWS or any S3-compatible endpoint.
 Both also run S3-style multipart uploads: create, presign each part, list the parts
 held, complete (assemble) and abort. The local store mimics S3's semantics, including
 ``NoSuchUpload`` for an upload that was never started, was aborted or was completed.
+
+Both sign what storage must verify before it commits (issue 11): a CRC64NVME in
+``x-amz-checksum-crc64nvme`` (a body that does not match is refused with
+:class:`BadDigest`, nothing stored), and ``If-None-Match: *`` (an object already at the
+key is not replaced: :class:`ObjectExists`). Every parameter for them is keyword-only
+with a default, so a call written before them keeps working.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from typing import BinaryIO, Protocol
 
 from ..protocol._objects import (
     MAX_LIST_PARTS,
+    BadDigest,
     InvalidPart,
     NoSuchUpload,
+    ObjectExists,
     ObjectInfo,
     PartsPage,
     PresignedPut,
@@ -27,10 +35,12 @@ from ..protocol._objects import (
 
 __all__ = [
     "MAX_LIST_PARTS",
+    "BadDigest",
     "IncompleteBody",
     "InvalidPart",
     "NoSuchUpload",
     "NotServedHere",
+    "ObjectExists",
     "ObjectInfo",
     "ObjectStore",
     "PartGrant",
@@ -45,12 +55,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class UploadGrant:
-    """What a signed upload URL allows, recovered from the request."""
+    """What a signed upload URL allows, recovered from the request.
+
+    ``checksum`` is the signed ``x-amz-checksum-crc64nvme`` (S3's base64), which the
+    body must match; ``if_none_match`` says the URL was signed with ``If-None-Match: *``
+    (store only if no object is at the key).
+    """
 
     key: str
     content_type: str
     content_length: int
     expires_at: int
+    checksum: str | None = None
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,8 @@ class PartGrant:
     part_number: int
     content_length: int
     expires_at: int
+    #: The signed ``x-amz-checksum-crc64nvme`` the part's bytes must match.
+    checksum: str | None = None
 
 
 class UploadRejected(Exception):
@@ -113,10 +132,28 @@ def page_parts(parts: Iterable[StoredPart], part_number_marker: int, max_parts: 
 class ObjectStore(Protocol):
     """What the reference backend needs from a store. Implementations are thread-safe."""
 
+    @property
+    def signs_checksums(self) -> bool:
+        """Whether the store signs and verifies CRC64NVME checksums."""
+        ...
+
     def presign_put(
-        self, key: str, content_type: str, content_length: int, expires_sec: int
+        self,
+        key: str,
+        content_type: str,
+        content_length: int,
+        expires_sec: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> PresignedPut:
-        """Return a URL that accepts exactly one PUT of this key, type and length."""
+        """Return a URL that accepts exactly one PUT of this key, type and length.
+
+        With ``checksum`` (S3's base64 of a CRC64NVME) the body must match it, and with
+        ``if_none_match`` storage refuses to replace an object already at the key. The
+        answer's ``headers`` are every header the PUT must send, exactly: with these,
+        ``x-amz-checksum-crc64nvme`` and ``If-None-Match: *``.
+        """
         ...
 
     def public_url(self, key: str) -> str:
@@ -124,7 +161,7 @@ class ObjectStore(Protocol):
         ...
 
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and ETag of the stored object, or None when there is none."""
+        """Size, ETag and (when known) CRC64NVME of the stored object, or None."""
         ...
 
     def delete(self, key: str) -> None:
@@ -133,17 +170,31 @@ class ObjectStore(Protocol):
 
     # -- multipart uploads -----------------------------------------------------------
 
-    def create_multipart(self, key: str, content_type: str, part_size: int) -> str:
+    def create_multipart(
+        self, key: str, content_type: str, part_size: int, *, checksum: bool = False
+    ) -> str:
         """Start a multipart upload of ``key`` and return its upload id.
 
         ``part_size`` is the size of every part but the last, as the backend signs them.
+        With ``checksum`` the upload is declared CRC64NVME, ``FULL_OBJECT``.
         """
         ...
 
     def presign_part(
-        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        content_length: int,
+        expires_sec: int,
+        *,
+        checksum: str | None = None,
     ) -> PresignedPut:
-        """Return a URL that accepts one PUT of this part with exactly this length."""
+        """Return a URL that accepts one PUT of this part with exactly this length.
+
+        With ``checksum`` the part's bytes must match it (``x-amz-checksum-crc64nvme``
+        in the answer's headers).
+        """
         ...
 
     def list_parts(
@@ -157,16 +208,26 @@ class ObjectStore(Protocol):
         ...
 
     def complete_multipart(
-        self, key: str, upload_id: str, parts: Sequence[StoredPart]
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[StoredPart],
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> ObjectInfo:
         """Assemble ``parts`` (ascending, as listed) into the object and end the upload.
 
         Returns:
-            The stored object's size and ETag (S3's ``"<md5 of part md5s>-N"`` form).
+            The stored object's size and ETag (S3's ``"<md5 of part md5s>-N"`` form),
+            and its CRC64NVME when the store knows it.
 
         Raises:
             NoSuchUpload: The store has no such upload for this key.
             InvalidPart: A part is missing or differs from the one given.
+            BadDigest: The parts do not add up to ``checksum``; nothing is stored.
+            ObjectExists: ``if_none_match`` and an object is at the key; nothing is
+                stored, and the upload stays.
         """
         ...
 
@@ -206,8 +267,15 @@ class ObjectStore(Protocol):
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
+        if_none_match: str | None = None,
     ) -> UploadGrant:
         """Check a presigned object PUT against its signature, the way S3 does.
+
+        ``checksum`` and ``if_none_match`` are the request's ``x-amz-checksum-crc64nvme``
+        and ``If-None-Match`` headers (None when absent): both are covered by the
+        signature, so one the URL was not signed with, or a signed one left out or
+        changed, is refused.
 
         Raises:
             UploadRejected: The signature does not fit, or the URL expired.
@@ -220,6 +288,9 @@ class ObjectStore(Protocol):
 
         Raises:
             IncompleteBody: The body ended early; nothing is stored.
+            BadDigest: The body does not match ``grant.checksum``; nothing is stored.
+            ObjectExists: ``grant.if_none_match`` and an object is at the key when the
+                body is in; nothing is stored.
         """
         ...
 
@@ -231,8 +302,9 @@ class ObjectStore(Protocol):
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
     ) -> PartGrant:
-        """Check a presigned part PUT against its signature.
+        """Check a presigned part PUT against its signature (``checksum`` as above).
 
         Raises:
             UploadRejected: The signature does not fit, the URL expired, or the part
@@ -247,6 +319,7 @@ class ObjectStore(Protocol):
 
         Raises:
             IncompleteBody: The body ended early; the part is not listed.
+            BadDigest: The bytes do not match ``grant.checksum``; the part is not listed.
             NoSuchUpload: The upload ended meanwhile.
         """
         ...
