@@ -142,6 +142,7 @@ def upload_render(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     max_workers: int = 3,
+    overwrite: bool = True,
 ) -> RenderUpload:
     """Upload a render's files under ``videos/{video_id}/{script_id}/{job_id}/``.
 
@@ -165,6 +166,11 @@ def upload_render(
         cancel: Set it from any thread to stop the render; stored assets are deleted
             and :class:`~ctrlupload.UploadCancelled` is raised.
         max_workers: Assets uploaded at once (each may send several parts at once).
+        overwrite: False to refuse replacing objects already at the render's keys, as
+            for ``put_file``; the asset that finds one fails with a
+            :class:`~ctrlupload.RenderUploadError` whose cause is the
+            :class:`~ctrlupload.ObjectExistsError`, and the objects already there are
+            left as they are.
 
     Returns:
         The stored assets.
@@ -183,6 +189,7 @@ def upload_render(
             progress,
             cancel,
             max_workers,
+            overwrite,
         )
     except CallbackFailed as failed:  # the progress callback's own error, unchanged
         report_end(progress, False)
@@ -201,6 +208,7 @@ def _upload_render(
     progress: ProgressCallback | None,
     cancel: threading.Event | None,
     max_workers: int,
+    overwrite: bool,
 ) -> RenderUpload:
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise StorageConfigError(f"max_workers must be a positive int, not {max_workers!r}")
@@ -222,10 +230,10 @@ def _upload_render(
         total = _RenderProgress(progress, {a: s.size for a, s in sources.items()})
         total.start()
         if isinstance(storage, EngineProvider):
-            results = _staged_render(storage, sources, total, cancel, max_workers)
+            results = _staged_render(storage, sources, total, cancel, max_workers, overwrite)
         else:
             paths = {asset: files[asset] for asset in sources}
-            results = _plain_render(storage, sources, paths, total, cancel, max_workers)
+            results = _plain_render(storage, sources, paths, total, cancel, max_workers, overwrite)
         total.finish()
     size = sum(result.size_bytes for result in results.values())
     took = time.monotonic() - started
@@ -289,6 +297,7 @@ def _staged_render(
     total: _RenderProgress,
     cancel: threading.Event | None,
     max_workers: int,
+    overwrite: bool,
 ) -> dict[RenderAsset, StorageResult]:
     """Stage every asset, then record them together; undo everything on failure."""
     engine = storage.engine
@@ -303,6 +312,7 @@ def _staged_render(
             total.for_asset(asset),
             None,
             stop,
+            overwrite,
         )
 
     staged = _run_assets(list(sources), stage, stop, max_workers, engine.discard)
@@ -329,6 +339,7 @@ def _plain_render(
     total: _RenderProgress,
     cancel: threading.Event | None,
     max_workers: int,
+    overwrite: bool,
 ) -> dict[RenderAsset, StorageResult]:
     """Any other provider (``local``): put each file; delete what was put on failure."""
     stop = _Stop(cancel)
@@ -337,7 +348,11 @@ def _plain_render(
         path = paths[asset]
         assert path is not None
         return storage.put_file(
-            path, sources[asset].key, progress=total.for_asset(asset), cancel=stop
+            path,
+            sources[asset].key,
+            progress=total.for_asset(asset),
+            cancel=stop,
+            overwrite=overwrite,
         )
 
     def remove(result: StorageResult, error: BaseException | None) -> None:

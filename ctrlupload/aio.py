@@ -100,6 +100,7 @@ class AsyncStorageProvider:
         progress: ProgressCallback | None = None,
         *,
         resume: bool = False,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload the file at ``path`` as ``key``; the provider's ``put_file``.
 
@@ -113,7 +114,13 @@ class AsyncStorageProvider:
             asyncio.CancelledError: The task was cancelled; the upload has stopped.
         """
         return await self._call(
-            self.provider.put_file, path, key, content_type, progress, resume=resume
+            self.provider.put_file,
+            path,
+            key,
+            content_type,
+            progress,
+            resume=resume,
+            overwrite=overwrite,
         )
 
     async def put_object(
@@ -122,6 +129,8 @@ class AsyncStorageProvider:
         key: str,
         content_type: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload bytes or a seekable binary file object; the provider's ``put_object``.
 
@@ -132,7 +141,9 @@ class AsyncStorageProvider:
             StorageError: The facade is closed.
             asyncio.CancelledError: The task was cancelled; the upload has stopped.
         """
-        return await self._call(self.provider.put_object, data, key, content_type, progress)
+        return await self._call(
+            self.provider.put_object, data, key, content_type, progress, overwrite=overwrite
+        )
 
     async def upload_render(
         self,
@@ -145,6 +156,7 @@ class AsyncStorageProvider:
         thumbnail: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
         max_workers: int = 3,
+        overwrite: bool = True,
     ) -> RenderUpload:
         """Upload a render's assets all-or-nothing; :func:`ctrlupload.upload_render`.
 
@@ -167,6 +179,7 @@ class AsyncStorageProvider:
             thumbnail=thumbnail,
             progress=progress,
             max_workers=max_workers,
+            overwrite=overwrite,
         )
 
     async def delete(self, key: str) -> None:

@@ -11,6 +11,7 @@ def test_public_api_is_pinned() -> None:
         "IntegrityError",
         "InvalidKeyError",
         "LocalStorageProvider",
+        "ObjectExistsError",
         "ProgressCallback",
         "RenderUpload",
         "RenderUploadError",

@@ -21,6 +21,7 @@ from ctrlupload import (
     StorageConfigError,
     StorageTransferError,
     UploadTooLargeError,
+    _checksum,
     get_storage_provider,
 )
 from ctrlupload.engine._engine import check_size_limit
@@ -37,6 +38,10 @@ PRESIGN = f"{BACKEND}/internal/storage/presign-put"
 COMPLETE = f"{BACKEND}/internal/storage/complete"
 DELETE = f"{BACKEND}/internal/storage/delete"
 AUTH = matchers.header_matcher({"Authorization": f"Bearer {TOKEN}"})
+
+
+def crc_of(data: bytes) -> str:
+    return _checksum.encode(_checksum.crc64nvme(data))
 
 
 def presign_answer(**overrides: Any) -> dict[str, Any]:
@@ -96,17 +101,18 @@ def happy_path(mocked: responses.RequestsMock) -> Any:
 
 
 def test_full_flow_presign_put_complete(mocked, client, video) -> None:  # type: ignore[no-untyped-def]
+    # A seed-only backend: it ignores the checksum fields and signs no checksum
+    # header, so the client checks the MD5 of the bytes sent against the ETag.
     put = happy_path(mocked)
     progress = RecordingProgress()
 
     result = client.put_file(video, KEY, progress=progress)
 
     presign, upload, complete = (call.request for call in mocked.calls)
-    assert json.loads(presign.body) == {
-        "object_key": KEY,
-        "content_type": "video/mp4",
-        "content_length": len(BODY),
-    }
+    asked = {"object_key": KEY, "content_type": "video/mp4", "content_length": len(BODY)}
+    if _checksum.available():
+        asked |= {"checksum_algorithm": "CRC64NVME", "checksum": crc_of(BODY)}
+    assert json.loads(presign.body) == asked
     assert presign.headers["Content-Type"] == "application/json"
     assert upload.method == "PUT"
     assert upload.url == UPLOAD_URL
@@ -129,7 +135,23 @@ def test_full_flow_presign_put_complete(mocked, client, video) -> None:  # type:
         "video/mp4",
         ETAG,
     )
+    assert (result.integrity, result.checksum) == ("md5", None)
+    assert "x-amz-checksum-crc64nvme" not in {name.lower() for name in upload.headers}
     progress.assert_honest(len(BODY))
+
+
+def test_md5_mode_sends_exactly_the_seeds_request_bodies(mocked, video) -> None:  # type: ignore[no-untyped-def]
+    happy_path(mocked)
+    settings = backend_settings(BACKEND, STORAGE_CHECKSUM="md5")
+    with BackendPresignedStorageProvider(settings) as provider:
+        result = provider.put_file(video, KEY)
+    presign, _, _ = (call.request for call in mocked.calls)
+    assert json.loads(presign.body) == {
+        "object_key": KEY,
+        "content_type": "video/mp4",
+        "content_length": len(BODY),
+    }
+    assert result.integrity == "md5"
 
 
 def test_put_object_bytes_uses_the_same_flow(mocked, client) -> None:  # type: ignore[no-untyped-def]

@@ -13,9 +13,11 @@ from ctrlupload.protocol import (
     PresignResponse,
     check_etag,
     decode_backend_answer,
+    etag_is_md5,
     is_expired_answer,
     is_resumable,
     process_put_answer,
+    put_refusal,
     s3_error_fields,
     signature_expiry,
 )
@@ -99,7 +101,30 @@ def test_check_etag_accepts_a_matching_md5_and_refuses_another() -> None:
     ],
 )
 def test_check_etag_skips_etags_that_are_not_body_md5s(etag: str, headers: dict[str, str]) -> None:
-    check_etag(KEY, etag, "f" * 32, headers)
+    assert check_etag(KEY, etag, "f" * 32, headers) is False
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://render--usw2-az1--x-s3.s3express-usw2-az1.us-west-2.amazonaws.com/v/k.mp4",
+        "https://s3express-usw2-az1.us-west-2.amazonaws.com/render--usw2-az1--x-s3/v/k.mp4",
+    ],
+)
+def test_an_s3_express_etag_is_never_taken_for_an_md5(url: str) -> None:
+    # Directory buckets answer an MD5-looking ETag that is not the body's MD5.
+    md5_looking = '"0123456789abcdef0123456789abcdef"'
+    assert etag_is_md5(md5_looking, {}, "https://bucket.s3.amazonaws.com/k") is True
+    assert etag_is_md5(md5_looking, {}, url) is False
+    assert check_etag(KEY, md5_looking, "f" * 32, {}, url) is False
+
+
+def test_put_refusal_tells_bad_digest_and_existing_objects_from_other_failures() -> None:
+    bad = b"<Error><Code>BadDigest</Code><Message>The CRC64NVME you specified did not match"
+    assert put_refusal(400, bad + b"</Message></Error>") == "bad-digest"
+    assert put_refusal(412, b"<Error><Code>PreconditionFailed</Code></Error>") == "exists"
+    assert put_refusal(400, b"<Error><Code>InvalidRequest</Code></Error>") is None
+    assert put_refusal(403, b"") is None
 
 
 def test_process_put_answer_names_the_status_the_s3_code_and_the_attempts() -> None:
@@ -119,7 +144,12 @@ def test_process_put_answer_needs_an_etag() -> None:
 
 def test_process_put_answer_returns_the_checked_etag() -> None:
     etag = '"0123456789abcdef0123456789abcdef"'
-    assert process_put_answer(KEY, "Upload", 200, {"etag": etag}, b"", 1, etag[1:-1]) == etag
+    answer = process_put_answer(KEY, "Upload", 200, {"etag": etag}, b"", 1, etag[1:-1])
+    assert answer == (etag, True)
+    # Unchecked: no digest, or an ETag that is no MD5 (SSE-KMS).
+    assert process_put_answer(KEY, "Upload", 200, {"etag": etag}, b"", 1, None) == (etag, False)
+    kms = {"etag": etag, "x-amz-server-side-encryption": "aws:kms"}
+    assert process_put_answer(KEY, "Upload", 200, kms, b"", 1, "f" * 32) == (etag, False)
 
 
 def _decode(body: object, status: int = 200, model: type = PresignResponse) -> object:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Generic, TypeVar
 
 from .._errors import PartStopped, StorageError, UploadCancelled
 from ..protocol._parts import Part
@@ -60,6 +60,11 @@ class Checkpoint:
     size_bytes: int
     mtime_ns: int
     fingerprint: str
+    #: The upload was started with a full-object CRC64NVME (its parts are signed with
+    #: their checksums, and complete needs the whole object's).
+    checksum: bool = False
+    #: The signer took on ``If-None-Match: *`` for the upload's complete.
+    if_none_match: bool = False
     version: int = CHECKPOINT_VERSION
 
 
@@ -139,34 +144,37 @@ class CheckpointSlot:
         self.store.delete(self.key, self.path)
 
 
-class PartRunner:
+_T = TypeVar("_T")
+
+
+class PartRunner(Generic[_T]):
     """Sends parts in parallel; the first failure cancels the rest.
 
     Args:
-        send_part: Uploads one part and returns its ETag; it should stop with
+        send_part: Uploads one part and returns what it answered; it should stop with
             :class:`PartStopped` once ``cancelled`` is set.
         concurrency: Parts in flight at once.
     """
 
     def __init__(
         self,
-        send_part: Callable[[Part, threading.Event], str],
+        send_part: Callable[[Part, threading.Event], _T],
         concurrency: int,
     ) -> None:
         self._send_part = send_part
         self._concurrency = concurrency
         self.cancelled = threading.Event()
 
-    def run(self, parts: Iterable[Part]) -> dict[int, str]:
-        """Send every part; returns ETags by part number.
+    def run(self, parts: Iterable[Part]) -> dict[int, _T]:
+        """Send every part; returns what each answered, by part number.
 
         Raises:
             StorageUploadError: The first part failure (the others are cancelled).
             KeyboardInterrupt: Re-raised after the workers have stopped.
         """
-        etags: dict[int, str] = {}
+        etags: dict[int, _T] = {}
         pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="ctrlupload-part")
-        futures: dict[Future[str], Part] = {}
+        futures: dict[Future[_T], Part] = {}
         try:
             for part in parts:
                 futures[pool.submit(self._send_part, part, self.cancelled)] = part
@@ -187,7 +195,7 @@ class PartRunner:
         return etags
 
 
-def _first_real_error(failed: list[Future[str]]) -> BaseException:
+def _first_real_error(failed: list[Future[Any]]) -> BaseException:
     """The error that caused the stop, not the stops it triggered (a caller's
     :class:`UploadCancelled` comes after any real failure)."""
     errors = [f.exception() for f in failed]

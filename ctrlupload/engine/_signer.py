@@ -45,18 +45,29 @@ class SignedPut:
 
 @dataclass(frozen=True)
 class MultipartUpload:
-    """A started multipart upload: its id and the part size its parts are signed for."""
+    """A started multipart upload: its id and the part size its parts are signed for.
+
+    Attributes:
+        checksum: The signer took on a full-object CRC64NVME: it signs each part's
+            checksum and has storage check the whole object's at complete.
+        if_none_match: The signer will have complete refuse to replace an object
+            already at the key.
+    """
 
     upload_id: str
     part_size: int
+    checksum: bool = False
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True)
 class CompletedUpload:
-    """What completing a multipart upload answered: the public URL and final ETag."""
+    """What recording an upload answered: the public URL and final ETag, and the
+    whole object's CRC64NVME when storage checked it."""
 
     public_url: str
     etag: str
+    checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class SetObject:
     public_url: str | None = None
     upload_id: str | None = None
     parts: Sequence[tuple[int, str]] = ()
+    checksum: str | None = None
+    if_none_match: bool = False
 
 
 @runtime_checkable
@@ -79,17 +92,52 @@ class Signer(Protocol):
 
     Every method raises a :class:`~ctrlupload.StorageUploadError` subclass (usually
     :class:`~ctrlupload.BackendError`) with the seed's message shape, and retries
-    nothing that its transport already retries.
+    nothing that its transport already retries. A conditional write that found an
+    object raises :class:`~ctrlupload.ObjectExistsError`; parts that do not add up to
+    the whole object's checksum, :class:`~ctrlupload.IntegrityError`.
+
+    ``checksum`` values are CRC64NVMEs as S3 spells them (base64 of the eight
+    big-endian bytes). A signer that cannot sign one, or the ``If-None-Match: *``
+    condition, ignores the argument: the engine sees it from what comes back (no
+    such header in :attr:`SignedPut.headers`, no flag in :class:`MultipartUpload`).
     """
 
-    def presign_put(self, key: str, content_type: str, size_bytes: int) -> SignedPut:
-        """Sign one PUT of the whole object."""
+    def presign_put(
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
+    ) -> SignedPut:
+        """Sign one PUT of the whole object, with its checksum and condition if given."""
         ...
 
     def complete(
-        self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
-    ) -> None:
-        """Record the stored object (an idempotent upsert)."""
+        self,
+        key: str,
+        etag: str | None,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+        *,
+        checksum: str | None = None,
+        confirm: bool = False,
+    ) -> str | None:
+        """Record the stored object (an idempotent upsert).
+
+        ``etag`` is None only with a ``checksum``: the object is then recognised by
+        its size and checksum. ``confirm`` says the PUT's answer was lost (a retried
+        conditional PUT was refused): a signer that records nothing itself must then
+        check that storage holds this object before it says yes.
+
+        Returns:
+            The ETag recorded when the signer says, else None.
+
+        Raises:
+            BackendError: With ``status_code`` 409 when storage holds another object.
+        """
         ...
 
     def delete(self, key: str) -> None:
@@ -97,7 +145,14 @@ class Signer(Protocol):
         ...
 
     def initiate(
-        self, key: str, content_type: str, size_bytes: int, part_size: int
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        part_size: int,
+        *,
+        checksum: bool = False,
+        if_none_match: bool = False,
     ) -> MultipartUpload | None:
         """Start a multipart upload; None when this signer offers none (use one PUT).
 
@@ -107,9 +162,15 @@ class Signer(Protocol):
         ...
 
     def presign_parts(
-        self, key: str, upload_id: str, part_numbers: Sequence[int]
+        self,
+        key: str,
+        upload_id: str,
+        part_numbers: Sequence[int],
+        *,
+        checksums: Sequence[str] | None = None,
     ) -> Mapping[int, SignedPut]:
-        """Sign a PUT for each of these parts (every number gets one, or it raises)."""
+        """Sign a PUT for each of these parts (every number gets one, or it raises),
+        each with its checksum (``checksums`` in the order of ``part_numbers``)."""
         ...
 
     def list_parts(self, key: str, upload_id: str) -> list[StoredPart] | None:
@@ -123,8 +184,12 @@ class Signer(Protocol):
         parts: Sequence[tuple[int, str]],
         size_bytes: int,
         content_type: str,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> CompletedUpload:
-        """Assemble ``(part_number, etag)`` pairs, ascending, and record the object."""
+        """Assemble ``(part_number, etag)`` pairs, ascending, and record the object;
+        storage checks the whole object's ``checksum`` and the condition if given."""
         ...
 
     def abort(self, key: str, upload_id: str) -> None:

@@ -36,11 +36,13 @@ __all__ = [
     "check_etag",
     "decode_backend_answer",
     "endpoint_missing",
+    "etag_is_md5",
     "is_expired_answer",
     "is_resumable",
     "json_error_detail",
     "json_string_field",
     "process_put_answer",
+    "put_refusal",
     "s3_error_detail",
     "s3_error_fields",
     "s3_error_region",
@@ -148,27 +150,77 @@ def is_expired_answer(
     return (time.time() if now is None else now) >= min(known)
 
 
-def check_etag(key: str, etag: str, digest: str, headers: Mapping[str, str]) -> None:
-    """Compare a plain-MD5 ETag with the MD5 of the bytes sent.
+def etag_is_md5(etag: str, headers: Mapping[str, str], url: str = "") -> bool:
+    """Whether storage's ETag for a PUT is the MD5 of the body it stored.
 
-    Multipart-style ETags (``…-N``) and the ETags of SSE-KMS and SSE-C objects are not
-    body MD5s, and are not compared.
+    Not for multipart-style ETags (``…-N``), for SSE-KMS and SSE-C objects (the ETag is
+    then no digest of the body), nor for S3 Express One Zone directory buckets (bucket
+    names end in ``--x-s3``; their ETags are opaque), whichever the answer looks like.
+
+    Args:
+        etag: The ETag answered.
+        headers: The answer's headers, lower-case names.
+        url: The URL the PUT went to (it names the bucket).
+    """
+    if _PLAIN_MD5_ETAG.match(etag.strip()) is None:
+        return False
+    encryption = headers.get("x-amz-server-side-encryption", "")
+    if encryption.startswith("aws:kms") or encryption == "aws:fsx":
+        return False
+    if "x-amz-server-side-encryption-customer-algorithm" in headers:
+        return False
+    return not _is_s3_express(url)
+
+
+def _is_s3_express(url: str) -> bool:
+    """Whether the URL addresses an S3 Express directory bucket (``name--zone--x-s3``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    first_segment = parts.path.lstrip("/").split("/", 1)[0].lower()
+    return "--x-s3." in host or host.endswith("--x-s3") or first_segment.endswith("--x-s3")
+
+
+def check_etag(key: str, etag: str, digest: str, headers: Mapping[str, str], url: str = "") -> bool:
+    """Compare storage's ETag with the MD5 of the bytes sent, where the ETag is one.
+
+    Returns:
+        True when the ETag is the body's MD5 (:func:`etag_is_md5`) and matches; False
+        when it is no MD5, so nothing could be checked.
 
     Raises:
         IntegrityError: The ETag is a plain MD5 and differs from ``digest``.
     """
+    if not etag_is_md5(etag, headers, url):
+        return False
     match = _PLAIN_MD5_ETAG.match(etag.strip())
-    if match is None:
-        return
-    encryption = headers.get("x-amz-server-side-encryption", "")
-    customer_key = "x-amz-server-side-encryption-customer-algorithm" in headers
-    if encryption.startswith("aws:kms") or customer_key:
-        return
+    assert match is not None
     if match.group(1).lower() != digest:
         raise IntegrityError(
             key,
             f"ETag {etag} from storage does not match the MD5 of the bytes sent ({digest})",
         )
+    return True
+
+
+def put_refusal(status: int, body: bytes) -> str | None:
+    """What a refused PUT means for integrity and overwrites, if that is what it means.
+
+    Returns:
+        ``"bad-digest"`` for S3's ``400 BadDigest`` (the body did not match the
+        checksum signed into the URL; nothing was stored), ``"exists"`` for ``412``
+        (``If-None-Match: *`` found an object at the key; nothing was written), else
+        None.
+    """
+    if status == 412:
+        return "exists"
+    if status == 400:
+        code, _ = s3_error_fields(body)
+        if code == "BadDigest":
+            return "bad-digest"
+    return None
 
 
 def process_put_answer(
@@ -179,8 +231,9 @@ def process_put_answer(
     body: bytes,
     attempts: int,
     digest: str | None,
-) -> str:
-    """Check storage's answer to a presigned PUT and return its ETag.
+    url: str = "",
+) -> tuple[str, bool]:
+    """Check storage's answer to a presigned PUT: its ETag, and whether it was checked.
 
     Args:
         key: The object key, for errors.
@@ -190,6 +243,10 @@ def process_put_answer(
         body: Its body.
         attempts: How many attempts the PUT took.
         digest: The MD5 hex of the bytes sent, or None when it is not checked.
+        url: The URL the PUT went to (an S3 Express bucket's ETag is no MD5).
+
+    Returns:
+        The ETag, and True when it was the body's MD5 and matched ``digest``.
 
     Raises:
         StorageTransferError: Storage refused the PUT or answered without an ETag.
@@ -206,9 +263,8 @@ def process_put_answer(
         raise StorageTransferError(
             key, f"{what} failed: storage answered without an ETag", status_code=status
         )
-    if digest is not None:
-        check_etag(key, etag, digest, headers)
-    return etag
+    verified = digest is not None and check_etag(key, etag, digest, headers, url)
+    return etag, verified
 
 
 # -- backend answers ------------------------------------------------------------------

@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 from typing import Final, TypeVar
 from urllib.parse import quote
 
-from .._errors import BackendError, StorageConfigError, TransportFailure
+from .. import _checksum
+from .._errors import (
+    BackendError,
+    IntegrityError,
+    ObjectExistsError,
+    StorageConfigError,
+    StorageUploadError,
+    TransportFailure,
+)
 from .._keys import validate_key
 from .._redact import register_secret
 from .._settings import Settings
@@ -27,6 +35,7 @@ from ..engine._signer import CompletedUpload, MultipartUpload, SetObject, Signed
 from ..protocol import (
     CompletedPart,
     CompleteRequest,
+    CompleteResponse,
     CompleteSetObject,
     CompleteSetRequest,
     CompleteSetResponse,
@@ -124,15 +133,28 @@ class BackendSigner:
 
     # -- whole objects -------------------------------------------------------------------
 
-    def presign_put(self, key: str, content_type: str, size_bytes: int) -> SignedPut:
+    def presign_put(
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
+    ) -> SignedPut:
         request = PresignRequest(
-            object_key=key, content_type=content_type, content_length=size_bytes
+            object_key=key,
+            content_type=content_type,
+            content_length=size_bytes,
+            checksum_algorithm=None if checksum is None else _checksum.ALGORITHM,
+            checksum=checksum,
+            if_none_match="*" if if_none_match else None,
         )
         answer = self._call(
             key,
             "presign",
             self._settings.backend_storage_presign_path,
-            request.model_dump(),
+            request.model_dump(exclude_none=True),
             PresignResponse,
         )
         self._refuse_token_in(key, answer.headers, "presign")
@@ -144,22 +166,35 @@ class BackendSigner:
         )
 
     def complete(
-        self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
-    ) -> None:
+        self,
+        key: str,
+        etag: str | None,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+        *,
+        checksum: str | None = None,
+        confirm: bool = False,
+    ) -> str | None:
+        """``complete``; the backend checks the stored object's size and ETag (or
+        checksum) itself, so ``confirm`` needs nothing more."""
         request = CompleteRequest(
             object_key=key,
             etag=etag,
             size_bytes=size_bytes,
             content_type=content_type,
             public_url=public_url,
+            checksum_algorithm=None if checksum is None else _checksum.ALGORITHM,
+            checksum=checksum,
         )
-        self._call(
+        answer = self._call(
             key,
             "complete",
             self._settings.backend_storage_complete_path,
-            request.model_dump(),
-            StatusResponse,
+            request.model_dump(exclude_none=True),
+            CompleteResponse,
         )
+        return answer.etag
 
     def complete_set(self, objects: Sequence[SetObject]) -> list[CompletedUpload] | None:
         """Record a render's objects in one ``complete-set`` call, all or none.
@@ -182,6 +217,14 @@ class BackendSigner:
                         if item.upload_id is None
                         else [CompletedPart(part_number=n, etag=e) for n, e in item.parts]
                     ),
+                    checksum_algorithm=None if item.checksum is None else _checksum.ALGORITHM,
+                    checksum_type=(
+                        "FULL_OBJECT"
+                        if item.checksum is not None and item.upload_id is not None
+                        else None
+                    ),
+                    checksum=item.checksum,
+                    if_none_match="*" if item.if_none_match and item.upload_id else None,
                 )
                 for item in objects
             ]
@@ -194,6 +237,7 @@ class BackendSigner:
         )
         if endpoint_missing(result.status_code, result.body):
             return None
+        self._raise_refusal(key, "complete-set", result)
         answer = decode_backend_answer(
             key,
             "complete-set",
@@ -210,7 +254,7 @@ class BackendSigner:
                 f"{_LABELS['complete-set']}: the answer does not list the objects sent, in order",
                 phase="complete-set",
             )
-        return [CompletedUpload(item.public_url, item.etag) for _, item in recorded]
+        return [CompletedUpload(item.public_url, item.etag, item.checksum) for _, item in recorded]
 
     def delete(self, key: str) -> None:
         self._call(
@@ -224,26 +268,37 @@ class BackendSigner:
     # -- multipart -----------------------------------------------------------------------
 
     def initiate(
-        self, key: str, content_type: str, size_bytes: int, part_size: int
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        part_size: int,
+        *,
+        checksum: bool = False,
+        if_none_match: bool = False,
     ) -> MultipartUpload | None:
         """Start a multipart upload; None if the backend lacks the extension.
 
         Every attempt of the call carries the same ``Idempotency-Key``, so a backend
         that honours it answers a retry (after a lost answer) with the upload the first
-        attempt started, and no second upload is left behind.
+        attempt started, and no second upload is left behind. The answer's echo of the
+        checksum and the condition says which of them the backend took on.
         """
         request = MultipartInitiateRequest(
             object_key=key,
             content_type=content_type,
             content_length=size_bytes,
             part_size=part_size,
+            checksum_algorithm=_checksum.ALGORITHM if checksum else None,
+            checksum_type="FULL_OBJECT" if checksum else None,
+            if_none_match="*" if if_none_match else None,
         )
         label = _LABELS["initiate"]
         result = self._post(
             key,
             "initiate",
             self._settings.backend_storage_multipart_initiate_path,
-            request.model_dump(),
+            request.model_dump(exclude_none=True),
             headers={IDEMPOTENCY_HEADER: uuid.uuid4().hex},
         )
         if result.status_code in _NO_MULTIPART_STATUSES:
@@ -264,19 +319,34 @@ class BackendSigner:
             if upload_id is not None:
                 abort_noting(self, key, upload_id, error)
             raise
-        return MultipartUpload(answer.upload_id, answer.part_size)
+        return MultipartUpload(
+            answer.upload_id,
+            answer.part_size,
+            checksum=checksum
+            and answer.checksum_algorithm == _checksum.ALGORITHM
+            and answer.checksum_type == "FULL_OBJECT",
+            if_none_match=if_none_match and answer.if_none_match == "*",
+        )
 
     def presign_parts(
-        self, key: str, upload_id: str, part_numbers: Sequence[int]
+        self,
+        key: str,
+        upload_id: str,
+        part_numbers: Sequence[int],
+        *,
+        checksums: Sequence[str] | None = None,
     ) -> Mapping[int, SignedPut]:
         request = MultipartPresignRequest(
-            object_key=key, upload_id=upload_id, part_numbers=list(part_numbers)
+            object_key=key,
+            upload_id=upload_id,
+            part_numbers=list(part_numbers),
+            checksums=None if checksums is None else list(checksums),
         )
         answer = self._call(
             key,
             "presign-parts",
             self._settings.backend_storage_multipart_presign_path,
-            request.model_dump(),
+            request.model_dump(exclude_none=True),
             MultipartPresignResponse,
         )
         expires_at = _expires_at(answer.expires_sec)
@@ -313,7 +383,10 @@ class BackendSigner:
                     return None
                 raise
             return PartsPage(
-                tuple(StoredPart(p.part_number, p.etag, p.size_bytes) for p in answer.parts),
+                tuple(
+                    StoredPart(p.part_number, p.etag, p.size_bytes, p.checksum)
+                    for p in answer.parts
+                ),
                 answer.is_truncated,
                 answer.next_part_number_marker,
             )
@@ -330,6 +403,9 @@ class BackendSigner:
         parts: Sequence[tuple[int, str]],
         size_bytes: int,
         content_type: str,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> CompletedUpload:
         request = MultipartCompleteRequest(
             object_key=key,
@@ -337,15 +413,19 @@ class BackendSigner:
             parts=[CompletedPart(part_number=number, etag=etag) for number, etag in parts],
             size_bytes=size_bytes,
             content_type=content_type,
+            checksum_algorithm=None if checksum is None else _checksum.ALGORITHM,
+            checksum_type=None if checksum is None else "FULL_OBJECT",
+            checksum=checksum,
+            if_none_match="*" if if_none_match else None,
         )
         answer = self._call(
             key,
             "complete-multipart",
             self._settings.backend_storage_multipart_complete_path,
-            request.model_dump(),
+            request.model_dump(exclude_none=True),
             MultipartCompleteResponse,
         )
-        return CompletedUpload(answer.public_url, answer.etag)
+        return CompletedUpload(answer.public_url, answer.etag, answer.checksum)
 
     def abort(self, key: str, upload_id: str) -> None:
         self._call(
@@ -385,9 +465,36 @@ class BackendSigner:
         model: type[_ResponseT],
     ) -> _ResponseT:
         answer = self._post(key, phase, path, payload)
+        self._raise_refusal(key, phase, answer)
         return decode_backend_answer(
             key, phase, _LABELS[phase], answer.status_code, answer.body, answer.attempts, model
         )
+
+    def _raise_refusal(self, key: str, phase: str, result: HttpResult) -> None:
+        """The contract's two refusals that are no backend failure: 412 ``object_exists``
+        (a conditional write found an object at the key) and 400 ``bad_digest`` (the
+        parts do not add up to the whole object's checksum). Nothing was written."""
+        error_code = json_string_field(result.body, "error")
+        error: StorageUploadError
+        if result.status_code == 412 and error_code == "object_exists":
+            error = ObjectExistsError(
+                key,
+                f"{_LABELS[phase]}: an object already exists at '{key}' and overwrite=False; "
+                "it was left as it is",
+                phase=phase,
+                status_code=412,
+            )
+        elif result.status_code == 400 and error_code == "bad_digest":
+            error = IntegrityError(
+                key,
+                f"{_LABELS[phase]}: storage found that the bytes do not match their CRC64NVME "
+                "checksum, and stored nothing",
+                phase=phase,
+                status_code=400,
+            )
+        else:
+            return
+        raise error
 
     def _refuse_token_in(self, key: str, headers: Mapping[str, str], phase: str) -> None:
         for name, value in headers.items():

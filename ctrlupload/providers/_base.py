@@ -50,6 +50,7 @@ class BaseStorageProvider(Protocol):
         *,
         resume: bool = False,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload a file from disk; see the concrete providers."""
         ...
@@ -62,6 +63,7 @@ class BaseStorageProvider(Protocol):
         progress: ProgressCallback | None = None,
         *,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload bytes or a seekable binary file object; see the concrete providers."""
         ...
@@ -123,6 +125,7 @@ class ProviderBase:
         *,
         resume: bool = False,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload the file at ``path`` as ``key``.
 
@@ -139,19 +142,30 @@ class ProviderBase:
             cancel: Set it (from any thread) to stop the upload within one send block;
                 the call then raises :class:`~ctrlupload.UploadCancelled`, and a
                 multipart upload is aborted, resumable or not.
+            overwrite: False to create the object only if the key is free: storage
+                refuses to replace an object already there (``If-None-Match: *``
+                signed into the PUT; a multipart upload sends it at complete), and the
+                call raises :class:`~ctrlupload.ObjectExistsError`. Needs a backend
+                that signs the condition (the reference backend does; one that does
+                not makes the call fail before any byte is sent).
 
         Returns:
             The stored object.
 
         Raises:
             StorageUploadError: Any failure, as the subclass that says what failed.
+            IntegrityError: Storage found the bytes differ from those sent (nothing
+                is stored then, where storage verified a CRC64NVME).
+            ObjectExistsError: ``overwrite=False`` and the key holds an object.
             UploadCancelled: ``cancel`` was set.
         """
         with _ending(progress):
             key, content_type = self._prepare(key, content_type)
             resume_path = os.path.abspath(path) if resume else None
             with open_source(key, path) as source, _callback_errors_unwrapped():
-                return self._store(source, key, content_type, progress, resume_path, cancel)
+                return self._store(
+                    source, key, content_type, progress, resume_path, cancel, overwrite
+                )
 
     def put_object(
         self,
@@ -161,6 +175,7 @@ class ProviderBase:
         progress: ProgressCallback | None = None,
         *,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         """Upload bytes, or a seekable binary file object from its current position.
 
@@ -170,6 +185,7 @@ class ProviderBase:
             content_type: Defaults to a type guessed from the key's extension.
             progress: As for :meth:`put_file`.
             cancel: As for :meth:`put_file`.
+            overwrite: As for :meth:`put_file`.
 
         Returns:
             The stored object.
@@ -181,7 +197,7 @@ class ProviderBase:
         with _ending(progress):
             key, content_type = self._prepare(key, content_type)
             with object_source(key, data) as source, _callback_errors_unwrapped():
-                return self._store(source, key, content_type, progress, None, cancel)
+                return self._store(source, key, content_type, progress, None, cancel, overwrite)
 
     def _prepare(self, key: str, content_type: str | None) -> tuple[str, str]:
         self._check_open()
@@ -210,6 +226,7 @@ class ProviderBase:
         progress: ProgressCallback | None,
         resume_path: str | None = None,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         raise NotImplementedError
 
@@ -251,8 +268,11 @@ class EngineProvider(ProviderBase):
         progress: ProgressCallback | None,
         resume_path: str | None = None,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
-        return self.engine.upload(source, key, content_type, progress, resume_path, cancel)
+        return self.engine.upload(
+            source, key, content_type, progress, resume_path, cancel, overwrite
+        )
 
 
 @contextlib.contextmanager

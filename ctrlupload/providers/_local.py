@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .._errors import StorageUploadError
+from .._errors import ObjectExistsError, StorageUploadError
 from .._keys import validate_key
 from .._settings import Settings
 from ..engine._engine import StorageResult, check_size_limit, log_finished
@@ -93,6 +93,7 @@ class LocalStorageProvider(ProviderBase):
         progress: ProgressCallback | None,
         resume_path: str | None = None,
         cancel: threading.Event | None = None,
+        overwrite: bool = True,
     ) -> StorageResult:
         check_size_limit(key, source.size, self.settings.video_max_upload_bytes)
         started = time.monotonic()
@@ -114,10 +115,22 @@ class LocalStorageProvider(ProviderBase):
                 while chunk := window.read(block):
                     handle.write(chunk)
                 os.fsync(handle.fileno())
-            os.replace(temp_path, target)
+            if overwrite:
+                os.replace(temp_path, target)
+            else:
+                # link() refuses an existing target atomically: no check-then-write race.
+                os.link(temp_path, target)
+                temp_path.unlink()
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 temp_path.unlink()
+            if isinstance(exc, FileExistsError):
+                raise ObjectExistsError(
+                    key,
+                    f"an object already exists at '{key}' and overwrite=False; it was left "
+                    "as it is",
+                    status_code=412,
+                ) from None
             if isinstance(exc, OSError):
                 raise StorageUploadError(
                     key, f"Could not write {target}: {exc.strerror or exc}"
