@@ -35,6 +35,7 @@ from ctrlupload import (
     StorageTransferError,
     TransportFailure,
     UploadTooLargeError,
+    _checksum,
 )
 from tests.conftest import (
     TOKEN,
@@ -60,6 +61,7 @@ from tests.support.servers import (
     never_answer,
     reset_immediately,
 )
+from tests.test_contract import crc_of as crc
 
 KEY = "videos/V-001/S-001/JOB-123/video.mp4"
 PUBLIC_URL = f"https://cdn.example.test/{KEY}"
@@ -127,7 +129,10 @@ def test_put_file_streams_12_mib_byte_identical_with_content_length_and_no_chunk
     etag = f'"{hashlib.md5(data).hexdigest()}"'
     assert sink.stored[KEY].etag == etag
     (presign,) = backend.requests_to(PRESIGN_PATH)
-    assert presign.json == {"object_key": KEY, "content_type": "video/mp4", "content_length": size}
+    asked = {"object_key": KEY, "content_type": "video/mp4", "content_length": size}
+    if _checksum.available():  # asked for, but this fake backend signs none: MD5 then
+        asked |= {"checksum_algorithm": "CRC64NVME", "checksum": crc(data)}
+    assert presign.json == asked
     assert backend.completed == [
         {
             "object_key": KEY,
@@ -138,7 +143,12 @@ def test_put_file_streams_12_mib_byte_identical_with_content_length_and_no_chunk
         }
     ]
     assert result == StorageResult(
-        key=KEY, url=PUBLIC_URL, size_bytes=size, content_type="video/mp4", etag=etag
+        key=KEY,
+        url=PUBLIC_URL,
+        size_bytes=size,
+        content_type="video/mp4",
+        etag=etag,
+        integrity="md5",
     )
     progress.assert_honest(size)
     assert any(0 < done < size for done in progress.done), "progress only at the ends"
