@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "same command again after a failure sends only the missing parts",
     )
     put.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="fail (exit 1) rather than replace an object already at KEY; storage enforces it",
+    )
+    put.add_argument(
         "--no-progress", action="store_true", help="no progress bar, even on a terminal"
     )
     put.set_defaults(run=_put)
@@ -523,6 +528,7 @@ def _put(args: argparse.Namespace) -> int:
                     content_type=args.content_type,
                     progress=bar,
                     cancel=cancel,
+                    overwrite=not args.no_overwrite,
                 ),
                 bar,
             )
@@ -533,7 +539,12 @@ def _put(args: argparse.Namespace) -> int:
 def _resumable_put(storage: Any, args: argparse.Namespace, bar: Any) -> Any:
     try:
         return storage.put_file(
-            args.file, args.key, content_type=args.content_type, progress=bar, resume=True
+            args.file,
+            args.key,
+            content_type=args.content_type,
+            progress=bar,
+            resume=True,
+            overwrite=not args.no_overwrite,
         )
     except KeyboardInterrupt:
         if bar is not None:

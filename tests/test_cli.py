@@ -786,3 +786,29 @@ def test_serve_with_a_huge_backlog_exits_2_without_a_traceback(tmp_path: Path) -
     assert done.stdout == ""
     assert "argument --backlog: " in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_put_no_overwrite_refuses_an_existing_object_through_the_reference_server(
+    cli_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_file: Callable[..., Path],
+    reference_server: ReferenceServer,
+) -> None:
+    first = make_file(1000, "first.mp4")
+    second = make_file(2000, "second.mp4")
+    key = "videos/V-1/S-1/JOB-1/video.mp4"
+    monkeypatch.setenv("STORAGE_PROVIDER", "backend_presigned")
+    monkeypatch.setenv("BACKEND_BASE_URL", reference_server.base_url)
+    monkeypatch.setenv("BACKEND_SERVICE_TOKEN", reference_server.token)
+
+    assert cli.main(["put", "--no-overwrite", str(first), key]) == 0
+    capsys.readouterr()
+    status = cli.main(["put", "--no-overwrite", str(second), key])
+
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == ""
+    assert "an object already exists at" in err and err.count("\n") == 1
+    stored = reference_server.config.data_dir / "objects" / key
+    assert stored.read_bytes() == first.read_bytes()
