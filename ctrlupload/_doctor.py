@@ -31,10 +31,11 @@ from typing import Any, Final, TextIO
 from dotenv import dotenv_values
 from pydantic import BaseModel
 
+from . import _checksum
 from ._errors import StorageConfigError, TransportFailure
 from ._redact import redact_url, register_secret
 from ._s3 import ObjectStoreError
-from ._settings import _ENV_NAMES, MultipartMode, Settings, StorageProvider
+from ._settings import _ENV_NAMES, ChecksumMode, MultipartMode, Settings, StorageProvider
 from ._transport import HttpResult, Transport
 from .protocol import (
     CompleteSetRequest,
@@ -247,6 +248,8 @@ def _check_provider(settings: Settings, report: _Report) -> None:
     unused = backend_unused_warning(settings)
     if unused is not None:
         report.line("warn", "backend settings", unused)
+    if provider is not StorageProvider.LOCAL:
+        _check_checksum(settings, report)
     missing = False
     for variable in _REQUIRED[provider]:
         value = getattr(settings, _FIELD_OF_ALIAS[variable])
@@ -267,6 +270,29 @@ def _check_provider(settings: Settings, report: _Report) -> None:
         _BackendProbe(settings, report).run()
     else:
         _check_bucket(settings, report)
+
+
+def _check_checksum(settings: Settings, report: _Report) -> None:
+    """Whether uploads can be checked by storage (CRC64NVME) or only by MD5."""
+    mode = settings.storage_checksum
+    subject = "STORAGE_CHECKSUM"
+    if mode in (ChecksumMode.MD5, ChecksumMode.OFF):
+        report.line("ok", subject, mode.value)
+    elif _checksum.available():
+        report.line(
+            "ok",
+            subject,
+            f"{mode.value}: CRC64NVME (awscrt), checked by storage where the backend signs it",
+        )
+    elif mode is ChecksumMode.CRC64NVME:
+        report.line("FAIL", subject, f"crc64nvme needs awscrt: {_checksum.INSTALL_HINT}")
+    else:
+        report.line(
+            "info",
+            subject,
+            "auto, but awscrt is not installed: uploads check MD5 against the ETag after the "
+            f"PUT ({_checksum.INSTALL_HINT} for checksums storage verifies)",
+        )
 
 
 # -- local -----------------------------------------------------------------------------

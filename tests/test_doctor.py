@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from ctrlupload import _checksum
 from ctrlupload import _cli as cli
-from ctrlupload._doctor import run_doctor, unknown_settings
+from ctrlupload._doctor import _check_checksum, _Report, run_doctor, unknown_settings
+from ctrlupload._settings import Settings
 from ctrlupload.server import ReferenceServer, ServerConfig
 from tests.support.servers import RawSocketServer
 from tests.support.wsgi_host import WsgiHost, refuse_paths
@@ -537,3 +539,27 @@ def test_ctrlupload_doctor_prints_the_lines_and_exits_with_their_verdict(
     out, _ = capsys.readouterr()
     assert "FAIL  BACKEND_SERVICE_TOKN: unknown setting (in .env); did you mean " in out
     assert reference.token not in out
+
+
+@pytest.mark.parametrize(
+    ("mode", "crc", "verdict", "says"),
+    [
+        ("auto", True, "ok", "CRC64NVME (awscrt)"),
+        ("auto", False, "info", "awscrt is not installed"),
+        ("crc64nvme", False, "FAIL", "crc64nvme needs awscrt"),
+        ("md5", False, "ok", "md5"),
+    ],
+)
+def test_doctor_says_how_uploads_will_be_checked(
+    monkeypatch: pytest.MonkeyPatch, mode: str, crc: bool, verdict: str, says: str
+) -> None:
+    if not crc:
+        monkeypatch.setattr(_checksum, "_crc", None)
+    elif not _checksum.available():
+        pytest.skip("needs awscrt")
+    out = io.StringIO()
+    report = _Report(out)
+    _check_checksum(Settings(STORAGE_CHECKSUM=mode), report)
+    (line,) = out.getvalue().splitlines()
+    assert line.split()[:2] == [verdict, "STORAGE_CHECKSUM"] and says in line
+    assert report.failures == (1 if verdict == "FAIL" else 0)
