@@ -561,5 +561,5 @@ def test_doctor_says_how_uploads_will_be_checked(
     report = _Report(out)
     _check_checksum(Settings(STORAGE_CHECKSUM=mode), report)
     (line,) = out.getvalue().splitlines()
-    assert line.split()[:2] == [verdict, "STORAGE_CHECKSUM"] and says in line
+    assert line.split()[:2] == [verdict, "STORAGE_CHECKSUM:"] and says in line
     assert report.failures == (1 if verdict == "FAIL" else 0)
