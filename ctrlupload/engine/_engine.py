@@ -373,8 +373,11 @@ class UploadEngine:
                     checksum=staged.checksum,
                     confirm=staged.unconfirmed,
                 )
-            except BackendError as error:
-                raise _exists_instead(staged, error) from error
+            except StorageUploadError as error:
+                instead = _exists_instead(staged, error)
+                if instead is error:
+                    raise
+                raise instead from error
             return self._finished(staged, staged.public_url, recorded or staged.etag)
         completed = self._signer_call(
             "complete_multipart",
@@ -404,7 +407,7 @@ class UploadEngine:
             items = [_set_object(item) for item in staged]
             try:
                 answers = self.signer.complete_set(items)
-            except BackendError as error:
+            except StorageUploadError as error:
                 unsure = [item for item in staged if item.unconfirmed]
                 if unsure and error.status_code == 409:
                     raise _exists_instead(unsure[0], error) from error
@@ -625,7 +628,13 @@ class UploadEngine:
             etag=sent.etag if not unconfirmed else sent.md5_etag,
             public_url=latest[-1].public_url,
             checksum=checksum if crc_signed else None,
-            integrity="crc64nvme" if crc_signed else "md5" if sent.md5_checked else "none",
+            integrity=(
+                "crc64nvme"
+                if crc_signed
+                else "md5"
+                if sent.md5_checked or (unconfirmed and sent.md5_etag is not None)
+                else "none"
+            ),
             overwrite=overwrite,
             unconfirmed=unconfirmed,
         )
@@ -1124,7 +1133,7 @@ def _object_exists(key: str, what: str, phase: str) -> ObjectExistsError:
     )
 
 
-def _exists_instead(staged: StagedUpload, error: BackendError) -> StorageUploadError:
+def _exists_instead(staged: StagedUpload, error: StorageUploadError) -> StorageUploadError:
     """For an unconfirmed PUT (see :attr:`StagedUpload.unconfirmed`), a 409 from
     ``complete`` means the object at the key is not this upload's."""
     if staged.unconfirmed and error.status_code == 409:
