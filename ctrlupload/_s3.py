@@ -47,13 +47,32 @@ A finished or aborted upload is ``NoSuchUpload`` on S3, but ``NoSuchKey`` on som
 S3-compatible stores; both mean :class:`~ctrlupload.protocol._objects.NoSuchUpload`
 here, which lets a caller recover a completion it did not get to record.
 
-Checksums: botocore 1.36 and later add CRC32 checksum headers to every request that
-can carry one (``when_supported``), which several S3-compatible stores refuse. The
-client built here asks for them only where an operation requires one
+botocore's own checksums: botocore 1.36 and later add CRC32 checksum headers to every
+request that can carry one (``when_supported``), which several S3-compatible stores
+refuse. The client built here asks for them only where an operation requires one
 (``when_required``), unless the operator chose otherwise with
 ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` or the
-profile's ``request_checksum_calculation`` / ``response_checksum_validation``. Presigned
-URLs carry no checksum either way: the PUT is sent by the client, not by botocore.
+profile's ``request_checksum_calculation`` / ``response_checksum_validation``. Either way
+botocore computes no checksum for a presigned URL: the PUT is sent by the client, not
+by botocore.
+
+Our checksums (issue 11): the caller may give the CRC64NVME of the body it will send
+(:mod:`ctrlupload._checksum`, S3's base64 of the eight big-endian bytes). It is passed
+to ``generate_presigned_url`` as ``ChecksumCRC64NVME``, which botocore serialises into an
+``x-amz-checksum-crc64nvme`` *header* and lists in ``X-Amz-SignedHeaders`` (its value is
+never in the query string); S3 then computes the CRC of the body as it arrives and
+answers ``400 BadDigest``, storing nothing, when it differs. ``IfNoneMatch="*"`` is
+signed the same way (``if-none-match``): S3 answers ``412 PreconditionFailed`` and keeps
+the object already at the key. A PUT that leaves out a signed header, or changes it,
+gets ``403 SignatureDoesNotMatch``. Both go back in :attr:`PresignedPut.headers`,
+spelled ``x-amz-checksum-crc64nvme`` and ``If-None-Match``. Multipart uploads declare
+``ChecksumAlgorithm=CRC64NVME, ChecksumType=FULL_OBJECT`` at create, sign each part's
+own CRC into its URL, and give the whole object's CRC (and ``IfNoneMatch``) to
+CompleteMultipartUpload, where S3 checks that the parts add up to it. HEAD asks for the
+stored checksum (``ChecksumMode=ENABLED``); only a full-object value counts (a
+composite ``...-N`` one is the CRC of the parts' CRCs, not of the object). moto, which
+the tests run against, checks none of these checksums (``docs/contract.md``, "What
+moto checks"), so completion also compares HEAD's checksum with the expected one.
 
 Signatures are always SigV4 (``signature_version="s3v4"``): left to itself, botocore
 still presigns SigV2 in regions that accept it, such as us-east-1, and SigV2 signs no
@@ -81,12 +100,15 @@ from http import HTTPStatus
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
+from . import _checksum
 from ._errors import StorageConfigError, StorageError
 from ._redact import redact_text, redact_url
 from .protocol._objects import (
     MAX_LIST_PARTS,
+    BadDigest,
     InvalidPart,
     NoSuchUpload,
+    ObjectExists,
     ObjectInfo,
     PartsPage,
     PresignedPut,
@@ -130,6 +152,13 @@ _NO_SUCH_UPLOAD_CODES: Final = frozenset({"NoSuchUpload", "NoSuchKey"})
 #: botocore's checksum settings, set to ``when_required`` unless the operator set them.
 _CHECKSUM_SETTINGS: Final = ("request_checksum_calculation", "response_checksum_validation")
 _MD5_HEX: Final = re.compile(r"[0-9a-fA-F]{32}")
+#: S3's answer to a conditional write that found an object at the key.
+_PRECONDITION_CODES: Final = frozenset({"PreconditionFailed"})
+#: An ``InvalidRequest`` whose message says a checksum did not match (not, say, one that
+#: says a checksum is missing: that is our request's fault, not the data's).
+_CHECKSUM_MISMATCH: Final = re.compile(
+    r"checksum.*\b(?:did not match|does not match|mismatch)|mismatch.*checksum", re.IGNORECASE
+)
 
 
 class ObjectStoreError(StorageError):
@@ -184,21 +213,17 @@ class _S3Client(Protocol):
         HttpMethod: str,
     ) -> str: ...
 
-    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
+    def head_object(self, *, Bucket: str, Key: str, ChecksumMode: str) -> dict[str, Any]: ...
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
 
     def head_bucket(self, *, Bucket: str) -> dict[str, Any]: ...
 
-    def create_multipart_upload(
-        self, *, Bucket: str, Key: str, ContentType: str
-    ) -> dict[str, Any]: ...
+    def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]: ...
 
     def list_parts(self, **kwargs: Any) -> dict[str, Any]: ...
 
-    def complete_multipart_upload(
-        self, *, Bucket: str, Key: str, UploadId: str, MultipartUpload: dict[str, Any]
-    ) -> dict[str, Any]: ...
+    def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]: ...
 
     def abort_multipart_upload(self, *, Bucket: str, Key: str, UploadId: str) -> dict[str, Any]: ...
 
@@ -313,8 +338,21 @@ class S3Bucket:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bucket={self._bucket!r}, public_base={self._public_base!r})"
 
+    @property
+    def signs_checksums(self) -> bool:
+        """True: S3 verifies a signed ``x-amz-checksum-crc64nvme`` itself (no awscrt
+        needed here; the caller computes the value)."""
+        return True
+
     def presign_put(
-        self, key: str, content_type: str, content_length: int, expires_sec: int
+        self,
+        key: str,
+        content_type: str,
+        content_length: int,
+        expires_sec: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> PresignedPut:
         """Presign one PUT of ``key`` bound to its content type and exact length.
 
@@ -326,13 +364,20 @@ class S3Bucket:
             content_type: The ``Content-Type`` the PUT must carry.
             content_length: The exact body length in bytes the PUT must carry.
             expires_sec: How long the URL stays valid, 1 to 604800 seconds.
+            checksum: The body's CRC64NVME (S3's base64), signed as the
+                ``x-amz-checksum-crc64nvme`` header: S3 refuses a body that does not
+                match it (400 ``BadDigest``) and stores nothing.
+            if_none_match: Sign ``If-None-Match: *``: S3 refuses (412
+                ``PreconditionFailed``) to replace an object already at the key.
 
         Returns:
-            The URL and the headers the PUT must send: ``Content-Type`` and
-            ``Content-Length``, both covered by the signature.
+            The URL and the headers the PUT must send, all covered by the signature:
+            ``Content-Type``, ``Content-Length``, and ``x-amz-checksum-crc64nvme`` /
+            ``If-None-Match`` when asked for.
 
         Raises:
-            ValueError: ``expires_sec`` or ``content_length`` is out of range.
+            ValueError: ``expires_sec`` or ``content_length`` is out of range, or
+                ``checksum`` is not eight base64 bytes.
             ObjectStoreError: boto3 could not sign, e.g. it found no credentials.
         """
         if not 0 <= content_length <= MAX_PUT_BYTES:
@@ -340,14 +385,13 @@ class S3Bucket:
                 f"content_length must be between 0 and {MAX_PUT_BYTES} bytes (S3's limit "
                 f"for one PUT), got {content_length}"
             )
-        return self._presign(
-            "put_object",
-            "PresignPutObject",
-            key,
-            {"ContentType": content_type, "ContentLength": content_length},
-            {"Content-Type": content_type, "Content-Length": str(content_length)},
-            expires_sec,
-        )
+        params: dict[str, Any] = {"ContentType": content_type, "ContentLength": content_length}
+        headers = {"Content-Type": content_type, "Content-Length": str(content_length)}
+        _sign_checksum(params, headers, checksum)
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+            headers["If-None-Match"] = "*"
+        return self._presign("put_object", "PresignPutObject", key, params, headers, expires_sec)
 
     def _presign(
         self,
@@ -387,7 +431,7 @@ class S3Bucket:
         return f"{self._public_base}/{quote(key, safe='/')}"
 
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and ETag of the stored object, or None when there is none.
+        """Size, ETag and full-object CRC64NVME of the stored object, or None.
 
         A bucket that does not exist looks the same as a missing object here (S3 answers
         a HEAD with a bare 404 either way); :meth:`check` tells them apart.
@@ -396,7 +440,10 @@ class S3Bucket:
             key: The object key.
 
         Returns:
-            The object's size and its ETag, quotes included; None on 404.
+            The object's size and its ETag, quotes included, and its CRC64NVME when S3
+            holds one for the whole object (asked for with ``ChecksumMode=ENABLED``; a
+            composite ``...-N`` value, or a ``ChecksumType`` other than
+            ``FULL_OBJECT``, is left out); None on 404.
 
         Raises:
             ObjectStoreError: S3 answered with another error (403 when the credentials
@@ -404,12 +451,18 @@ class S3Bucket:
                 reached.
         """
         try:
-            response = self._client.head_object(Bucket=self._bucket, Key=key)
+            response = self._client.head_object(
+                Bucket=self._bucket, Key=key, ChecksumMode="ENABLED"
+            )
         except self._boto_errors as exc:
             if _status_of(exc) == HTTPStatus.NOT_FOUND:
                 return None
             raise self._error("HeadObject", key, exc) from exc
-        return ObjectInfo(size_bytes=int(response["ContentLength"]), etag=str(response["ETag"]))
+        return ObjectInfo(
+            size_bytes=int(response["ContentLength"]),
+            etag=str(response["ETag"]),
+            checksum=_full_object_checksum(response),
+        )
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error.
@@ -428,13 +481,18 @@ class S3Bucket:
 
     # -- multipart uploads -----------------------------------------------------------
 
-    def create_multipart(self, key: str, content_type: str, part_size: int = 0) -> str:
+    def create_multipart(
+        self, key: str, content_type: str, part_size: int = 0, *, checksum: bool = False
+    ) -> str:
         """Start a multipart upload (CreateMultipartUpload) with this content type.
 
         Args:
             key: The object key.
             content_type: The ``Content-Type`` the finished object will have.
             part_size: Unused: S3 keeps each part on its own.
+            checksum: Declare the upload ``ChecksumAlgorithm=CRC64NVME``,
+                ``ChecksumType=FULL_OBJECT``: S3 then checks each part against its
+                signed CRC, and the whole object against the one given at complete.
 
         Returns:
             S3's upload id.
@@ -443,8 +501,11 @@ class S3Bucket:
             ObjectStoreError: S3 refused or could not be reached.
         """
         try:
+            declared: dict[str, str] = {}
+            if checksum:
+                declared = {"ChecksumAlgorithm": _checksum.ALGORITHM, "ChecksumType": "FULL_OBJECT"}
             response = self._client.create_multipart_upload(
-                Bucket=self._bucket, Key=key, ContentType=content_type
+                Bucket=self._bucket, Key=key, ContentType=content_type, **declared
             )
         except self._boto_errors as exc:
             raise self._error("CreateMultipartUpload", key, exc) from exc
@@ -466,6 +527,8 @@ class S3Bucket:
         part_number: int,
         content_length: int | None,
         expires_sec: int,
+        *,
+        checksum: str | None = None,
     ) -> PresignedPut:
         """Presign one UploadPart, bound to its exact length if given (no network call).
 
@@ -477,10 +540,13 @@ class S3Bucket:
                 to leave the length unsigned (a signer that is itself the uploader has
                 no one to bind).
             expires_sec: How long the URL stays valid, 1 to 604800 seconds.
+            checksum: The part's own CRC64NVME (S3's base64), signed as the
+                ``x-amz-checksum-crc64nvme`` header: S3 refuses a part that does not
+                match it (400 ``BadDigest``).
 
         Returns:
-            The URL and the signed header the PUT must send, ``Content-Length`` (none
-            when the length is unsigned).
+            The URL and the signed headers the PUT must send: ``Content-Length`` (none
+            when the length is unsigned) and ``x-amz-checksum-crc64nvme`` when given.
 
         Raises:
             ValueError: An argument is out of S3's range.
@@ -498,6 +564,7 @@ class S3Bucket:
                 )
             params["ContentLength"] = content_length
             headers["Content-Length"] = str(content_length)
+        _sign_checksum(params, headers, checksum)
         return self._presign("upload_part", "PresignUploadPart", key, params, headers, expires_sec)
 
     def list_parts(
@@ -518,6 +585,7 @@ class S3Bucket:
 
         Returns:
             The parts in ascending order, and the marker of the next page if truncated.
+            Each part carries its ``ChecksumCRC64NVME`` when S3 lists one.
 
         Raises:
             NoSuchUpload: S3 has no such upload for this key (aborted or completed), said
@@ -539,7 +607,12 @@ class S3Bucket:
                 raise NoSuchUpload(f"S3 has no multipart upload {upload_id!r} for '{key}'") from exc
             raise self._error("ListParts", key, exc) from exc
         parts = tuple(
-            StoredPart(int(part["PartNumber"]), str(part["ETag"]), int(part["Size"]))
+            StoredPart(
+                int(part["PartNumber"]),
+                str(part["ETag"]),
+                int(part["Size"]),
+                _valid_checksum(part.get("ChecksumCRC64NVME")),
+            )
             for part in response.get("Parts") or []
         )
         truncated = bool(response.get("IsTruncated"))
@@ -555,33 +628,59 @@ class S3Bucket:
         parts: Sequence[StoredPart],
         *,
         expected_size: int | None = None,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> ObjectInfo:
         """Complete the upload (CompleteMultipartUpload), then check what S3 stored.
 
         A 200 answer with an error inside raises, thanks to botocore (see the module
         docstring). An object whose HEAD shows another size than the parts add up to
         raises as well; so does an answer without an ETag, unless HEAD also shows the
-        multipart ETag the parts' ETags add up to.
+        multipart ETag the parts' ETags add up to (or the expected checksum).
 
         Args:
             key: The object key.
             upload_id: The upload.
-            parts: The parts in ascending order, with their ETags and sizes.
+            parts: The parts in ascending order, with their ETags and sizes (and their
+                own checksums, when listed: each goes into the part list).
             expected_size: The object's size, if the parts' sizes are not known.
+            checksum: The whole object's CRC64NVME (an upload created with
+                ``checksum=True``): passed as ``ChecksumCRC64NVME`` with
+                ``ChecksumType=FULL_OBJECT``, so S3 refuses parts that do not add up to
+                it. HEAD's checksum, when it shows one, must equal it too.
+            if_none_match: Pass ``IfNoneMatch="*"``: S3 refuses to replace an object
+                already at the key.
 
         Returns:
-            The object's size and S3's ETag for it (``"<md5 of part md5s>-N"``).
+            The object's size, S3's ETag for it (``"<md5 of part md5s>-N"``), and its
+            CRC64NVME when S3 showed one.
 
         Raises:
             NoSuchUpload: S3 has no such upload for this key (``NoSuchUpload`` or
                 ``NoSuchKey``).
             InvalidPart: S3 found a part missing, out of order, different or too small.
-            ObjectStoreError: Any other failure, including a 200 with an error inside.
+            ObjectExists: ``if_none_match`` and an object is at the key (412
+                ``PreconditionFailed``); the upload stays.
+            BadDigest: The parts do not add up to ``checksum`` (S3's ``BadDigest``, or
+                ``InvalidRequest`` saying a checksum did not match), or HEAD shows
+                another checksum (a store that did not check stored it anyway).
+            ObjectStoreError: Any other failure, including a 200 with an error inside
+                and 409 ``ConditionalRequestConflict`` (a concurrent write at the key;
+                S3 says to retry).
         """
-        listing = {"Parts": [{"PartNumber": part.part_number, "ETag": part.etag} for part in parts]}
+        listing = {"Parts": [_listed(part) for part in parts]}
+        options: dict[str, str] = {}
+        if checksum is not None:
+            options = {"ChecksumCRC64NVME": checksum, "ChecksumType": "FULL_OBJECT"}
+        if if_none_match:
+            options["IfNoneMatch"] = "*"
         try:
             response = self._client.complete_multipart_upload(
-                Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload=listing
+                Bucket=self._bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload=listing,
+                **options,
             )
         except self._boto_errors as exc:
             code = _error_code_of(exc)
@@ -590,11 +689,16 @@ class S3Bucket:
             if code in _INVALID_PART_CODES:
                 reason = _reason(exc, _status_of(exc), code)
                 raise InvalidPart(f"S3 refused the part list: {reason}") from exc
+            if code in _PRECONDITION_CODES or _status_of(exc) == HTTPStatus.PRECONDITION_FAILED:
+                raise ObjectExists(f"S3 already holds an object at '{key}'") from exc
+            if _is_bad_digest(exc, code):
+                reason = _reason(exc, _status_of(exc), code)
+                raise BadDigest(f"S3 refused to assemble '{key}': {reason}") from exc
             raise self._error("CompleteMultipartUpload", key, exc) from exc
         etag = response.get("ETag")
         expected = _total(parts, expected_size)
         if not isinstance(etag, str) or not etag:
-            return self._confirm_without_etag(key, parts, expected)
+            return self._confirm_without_etag(key, parts, expected, checksum)
         stored = self.head(key)
         if stored is None or stored.size_bytes != expected:
             found = "no object" if stored is None else f"{stored.size_bytes} bytes"
@@ -605,48 +709,64 @@ class S3Bucket:
                 bucket=self._bucket,
                 key=key,
             )
-        return ObjectInfo(size_bytes=expected, etag=etag)
+        _check_stored_checksum(key, stored, checksum)
+        answered = _valid_checksum(response.get("ChecksumCRC64NVME"))
+        if answered is not None and checksum is not None and answered != checksum:
+            raise BadDigest(
+                f"S3 assembled '{key}' with CRC64NVME {answered}, not the expected {checksum}"
+            )
+        return ObjectInfo(size_bytes=expected, etag=etag, checksum=stored.checksum or answered)
 
     def confirm_assembled(
-        self, key: str, parts: Sequence[StoredPart], *, expected_size: int | None = None
+        self,
+        key: str,
+        parts: Sequence[StoredPart],
+        *,
+        expected_size: int | None = None,
+        checksum: str | None = None,
     ) -> ObjectInfo | None:
         """The object, if HEAD shows exactly these parts assembled; None otherwise.
 
-        Assembled means the parts' total size and the multipart ETag their ETags add up
-        to. Parts whose ETags are not MD5 digests (SSE-KMS, SSE-C) can never be
-        confirmed this way: None.
+        Assembled means the parts' total size, and either the multipart ETag their
+        ETags add up to or, when ``checksum`` is given, that whole-object CRC64NVME.
+        Never the size alone. Parts whose ETags are not MD5 digests (SSE-KMS, SSE-C)
+        can be confirmed only by the checksum.
 
         Raises:
             ObjectStoreError: HEAD failed with something other than 404.
         """
         assembled = _assembled_etag(parts)
-        if assembled is None:
+        if assembled is None and checksum is None:
             return None
-        return self._head_shows(key, _total(parts, expected_size), assembled)[0]
+        return self._head_shows(key, _total(parts, expected_size), assembled, checksum)[0]
 
     def _head_shows(
-        self, key: str, expected: int, assembled: str
+        self, key: str, expected: int, assembled: str | None, checksum: str | None
     ) -> tuple[ObjectInfo | None, ObjectInfo | None]:
         """One HEAD: the confirmed object (or None), and what HEAD showed."""
         stored = self.head(key)
-        if (
-            stored is not None
-            and stored.size_bytes == expected
-            and stored.etag.strip('"').lower() == assembled.strip('"')
-        ):
-            return ObjectInfo(size_bytes=expected, etag=assembled), stored
+        if stored is None or stored.size_bytes != expected:
+            return None, stored
+        if checksum is not None and stored.checksum is not None:
+            # The stronger evidence decides, either way.
+            if stored.checksum == checksum:
+                return ObjectInfo(expected, stored.etag, stored.checksum), stored
+            return None, stored
+        if assembled is not None and stored.etag.strip('"').lower() == assembled.strip('"'):
+            return ObjectInfo(expected, assembled, stored.checksum), stored
         return None, stored
 
     def _confirm_without_etag(
-        self, key: str, parts: Sequence[StoredPart], expected: int
+        self, key: str, parts: Sequence[StoredPart], expected: int, checksum: str | None
     ) -> ObjectInfo:
-        """HEAD must show the assembly: the parts' total size and their multipart ETag."""
+        """HEAD must show the assembly: the parts' total size, and their multipart ETag
+        or the expected checksum."""
         prefix = (
             f"S3 CompleteMultipartUpload for '{key}' in bucket '{self._bucket}' answered "
             "without an ETag"
         )
         assembled = _assembled_etag(parts)
-        if assembled is None:
+        if assembled is None and checksum is None:
             # SSE-KMS and SSE-C parts: no ETag to compare HEAD's with.
             raise ObjectStoreError(
                 f"{prefix}, and the parts' ETags are not MD5 digests, so HEAD cannot "
@@ -655,15 +775,26 @@ class S3Bucket:
                 bucket=self._bucket,
                 key=key,
             )
-        confirmed, stored = self._head_shows(key, expected, assembled)
+        confirmed, stored = self._head_shows(key, expected, assembled, checksum)
         if confirmed is not None:
             return confirmed
-        found = (
-            "no object" if stored is None else f"{stored.size_bytes} bytes with ETag {stored.etag}"
+        wanted = " and ".join(
+            text
+            for text in (
+                None if assembled is None else f"ETag {assembled}",
+                None if checksum is None else f"CRC64NVME {checksum}",
+            )
+            if text is not None
         )
+        if stored is None:
+            found = "no object"
+        else:
+            found = f"{stored.size_bytes} bytes with ETag {stored.etag}"
+            if stored.checksum is not None:
+                found += f" and CRC64NVME {stored.checksum}"
         raise ObjectStoreError(
-            f"{prefix}, and HEAD then shows {found}, not {expected} bytes with ETag "
-            f"{assembled}; the object may not be assembled.",
+            f"{prefix}, and HEAD then shows {found}, not {expected} bytes with {wanted}; "
+            "the object may not be assembled.",
             operation="CompleteMultipartUpload",
             bucket=self._bucket,
             key=key,
@@ -845,6 +976,63 @@ def failure_kind(
         if status == HTTPStatus.BAD_REQUEST and region is not None:
             return "wrong-region"
     return None
+
+
+def _sign_checksum(params: dict[str, Any], headers: dict[str, str], checksum: str | None) -> None:
+    """Add a CRC64NVME to sign as the ``x-amz-checksum-crc64nvme`` header."""
+    if checksum is None:
+        return
+    if _checksum.decode(checksum) is None:
+        raise ValueError(
+            "checksum must be a CRC64NVME as S3 spells it: the base64 of its eight big-endian bytes"
+        )
+    params["ChecksumCRC64NVME"] = checksum
+    headers[_checksum.HEADER] = checksum
+
+
+def _valid_checksum(value: object) -> str | None:
+    """A CRC64NVME as S3 spells it (eight base64 bytes), or None for anything else."""
+    if isinstance(value, str) and _checksum.decode(value) is not None:
+        return value
+    return None
+
+
+def _full_object_checksum(response: Mapping[str, Any]) -> str | None:
+    """HEAD's CRC64NVME when it is the whole object's (not a composite ``...-N``)."""
+    kind = response.get("ChecksumType")
+    if kind is not None and kind != "FULL_OBJECT":
+        return None
+    return _valid_checksum(response.get("ChecksumCRC64NVME"))
+
+
+def _listed(part: StoredPart) -> dict[str, Any]:
+    """A part as CompleteMultipartUpload lists it: its checksum too, when known."""
+    listed: dict[str, Any] = {"PartNumber": part.part_number, "ETag": part.etag}
+    if part.checksum is not None:
+        listed["ChecksumCRC64NVME"] = part.checksum
+    return listed
+
+
+def _is_bad_digest(exc: Exception, code: str | None) -> bool:
+    """S3 saying the bytes do not match a checksum (``BadDigest``, or an
+    ``InvalidRequest`` whose message says so)."""
+    if code == "BadDigest":
+        return True
+    message = str(_response_of(exc).get("Error", {}).get("Message") or "")
+    return code == "InvalidRequest" and bool(_CHECKSUM_MISMATCH.search(message))
+
+
+def _check_stored_checksum(key: str, stored: ObjectInfo, checksum: str | None) -> None:
+    """HEAD's checksum must be the expected one when both are known.
+
+    S3 never stores a FULL_OBJECT upload whose parts do not add up to the checksum
+    given; a store that does not check (moto) stores it anyway, and HEAD tells.
+    """
+    if checksum is not None and stored.checksum is not None and stored.checksum != checksum:
+        raise BadDigest(
+            f"the object stored at '{key}' has CRC64NVME {stored.checksum}, not the "
+            f"expected {checksum}: the store assembled it without checking"
+        )
 
 
 def _assembled_etag(parts: Sequence[StoredPart]) -> str | None:

@@ -7,6 +7,12 @@ the multipart calls, the S3-compatible quirks (an empty ETag from complete,
 module adds only what a reference-backend store is: uploads and downloads go to S3,
 never through the backend.
 
+Integrity (issue 11) is S3's own: :attr:`~ctrlupload._s3.S3Bucket.signs_checksums` is
+True, a CRC64NVME given to ``presign_put``/``presign_part`` is signed into the URL as the
+``x-amz-checksum-crc64nvme`` header (and ``If-None-Match: *`` when asked), and S3
+refuses a body that does not match (``BadDigest``) or a key that is taken (412) before
+it stores anything. The backend never sees the bytes, so it has nothing to verify.
+
 botocore's retries are off here (:data:`~ctrlupload._s3.DEFAULT_MAX_ATTEMPTS`): the
 reference backend answers an :class:`ObjectStoreError` with 503, which the client's
 urllib3 ``Retry`` already retries.
@@ -57,6 +63,8 @@ class S3ObjectStore(S3Bucket):
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
+        if_none_match: str | None = None,
     ) -> UploadGrant:
         """Never: this store's upload URLs point at S3."""
         raise NotServedHere("uploads go to S3")
@@ -73,6 +81,7 @@ class S3ObjectStore(S3Bucket):
         content_length: int,
         expires: str | None,
         signature: str | None,
+        checksum: str | None = None,
     ) -> PartGrant:
         """Never: this store's part URLs point at S3."""
         raise NotServedHere("part uploads go to S3")
