@@ -155,9 +155,10 @@ _MD5_HEX: Final = re.compile(r"[0-9a-fA-F]{32}")
 #: S3's answer to a conditional write that found an object at the key.
 _PRECONDITION_CODES: Final = frozenset({"PreconditionFailed"})
 #: An ``InvalidRequest`` whose message says a checksum did not match (not, say, one that
-#: says a checksum is missing: that is our request's fault, not the data's).
+#: says a checksum is missing, or of the wrong type: that is our request's fault, not
+#: the data's).
 _CHECKSUM_MISMATCH: Final = re.compile(
-    r"checksum.*\b(?:did not match|does not match|mismatch)|mismatch.*checksum", re.IGNORECASE
+    r"checksum.*\b(?:did|does) not match|\bchecksum mismatch\b", re.IGNORECASE
 )
 
 
