@@ -19,6 +19,7 @@ from typing import Any, cast
 import pytest
 import requests
 
+from ctrlupload import _checksum
 from ctrlupload.protocol import MIB, multipart_etag
 from ctrlupload.protocol._contract import MAX_SET_OBJECTS
 from ctrlupload.server import (
@@ -49,6 +50,11 @@ TIMEOUT_S = 10
 PATIENCE_S = 0.5
 PREFIX = "videos/V-001/S-001/JOB-123"
 VIDEO, SUBTITLES, THUMB = f"{PREFIX}/video.mp4", f"{PREFIX}/subtitles.srt", f"{PREFIX}/thumb.jpg"
+
+
+def crc(data: bytes) -> str:
+    """The CRC64NVME the local store keeps for these bytes."""
+    return _checksum.encode(_checksum.crc64nvme(data))
 
 
 def stored_object(
@@ -129,11 +135,15 @@ def test_three_stored_objects_are_recorded_in_one_call(backend: LocalBackend) ->
                 "object_key": entry["object_key"],
                 "etag": entry["etag"],
                 "public_url": entry["public_url"],
+                "checksum": crc(bodies[entry["object_key"]]),
             }
             for entry in entries
         ],
     }
     rows = {row.object_key: row for row in backend.db.all()}
+    assert {key: row.checksum for key, row in rows.items()} == {
+        key: crc(body) for key, body in bodies.items()
+    }
     assert sorted(rows) == sorted(bodies)
     for entry in entries:
         row = rows[entry["object_key"]]
@@ -173,6 +183,7 @@ def test_a_multipart_upload_and_a_stored_object_are_assembled_and_recorded(
         "object_key": VIDEO,
         "etag": parts_etag(data),
         "public_url": backend.store.public_url(VIDEO),
+        "checksum": crc(data),
     }
     assert backend.get(VIDEO).content == data
     row = backend.db.get(VIDEO)
@@ -188,7 +199,11 @@ def test_a_multipart_upload_and_a_stored_object_are_assembled_and_recorded(
     # multipart/complete of the same parts still answers the same success.
     again = backend.complete_parts(VIDEO, upload_id, etags, len(data))
     assert again.status_code == 200, again.text
-    assert again.json() == {"public_url": backend.store.public_url(VIDEO), "etag": parts_etag(data)}
+    assert again.json() == {
+        "public_url": backend.store.public_url(VIDEO),
+        "etag": parts_etag(data),
+        "checksum": crc(data),
+    }
 
 
 def test_a_set_records_an_upload_that_multipart_complete_finished(backend: LocalBackend) -> None:

@@ -309,9 +309,9 @@ class _ExpiredSigningStore(LocalObjectStore):
     """Signs URLs that have already expired, while saying they last: a skewed clock."""
 
     def presign_put(
-        self, key: str, content_type: str, content_length: int, expires_sec: int
+        self, key: str, content_type: str, content_length: int, expires_sec: int, **options: Any
     ) -> PresignedPut:
-        signed = super().presign_put(key, content_type, content_length, -1)
+        signed = super().presign_put(key, content_type, content_length, -1, **options)
         return PresignedPut(signed.upload_url, signed.headers, expires_sec)
 
 
@@ -328,9 +328,9 @@ class _MisSigningStore(LocalObjectStore):
     """Signs for one byte more than asked: a tampered or buggy presign."""
 
     def presign_put(
-        self, key: str, content_type: str, content_length: int, expires_sec: int
+        self, key: str, content_type: str, content_length: int, expires_sec: int, **options: Any
     ) -> PresignedPut:
-        return super().presign_put(key, content_type, content_length + 1, expires_sec)
+        return super().presign_put(key, content_type, content_length + 1, expires_sec, **options)
 
 
 def test_tampered_presign_gives_a_clear_client_error_and_stores_nothing(

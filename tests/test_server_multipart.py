@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
+from ctrlupload import _checksum
 from ctrlupload.protocol import DEFAULT_PART_BYTES, MAX_PARTS, MIB, multipart_etag
 from ctrlupload.server import (
     AssetDB,
@@ -232,7 +233,11 @@ def test_four_part_upload_round_trips_with_the_multipart_etag_and_is_recorded(
     assert answer.status_code == 200, answer.text
     etag = expected_etag(data, part_size)
     assert re.fullmatch(r'"[0-9a-f]{32}-4"', etag)
-    assert answer.json() == {"public_url": f"{api.base_url}/files/{KEY}", "etag": etag}
+    assert answer.json() == {
+        "public_url": f"{api.base_url}/files/{KEY}",
+        "etag": etag,
+        "checksum": _checksum.encode(_checksum.crc64nvme(data)),
+    }
     download = requests.get(answer.json()["public_url"], timeout=TIMEOUT_S)
     assert download.content == data
     assert download.headers["ETag"] == etag

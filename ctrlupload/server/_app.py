@@ -27,6 +27,15 @@ Recording an object (``complete``, a multipart completion, ``complete-set``) and
 one take a lock per key (striped), so a delete racing a completion never leaves a row for
 an object that is gone. ``complete-set`` holds the locks of all its keys (and uploads) at
 once, taken in one fixed order.
+
+Integrity and no silent overwrite (issue 11), when the store signs checksums
+(``signs_checksums``): presign-put signs the client's CRC64NVME into the URL, and
+``If-None-Match: *`` when asked; multipart uploads are declared with a full-object
+CRC64NVME, each part's URL is signed with its own, and complete has storage check the
+whole object's. ``complete`` may identify the object by its checksum instead of its
+ETag. A conditional complete that finds the key taken answers 412 ``object_exists``, and
+parts that do not add up to the checksum 400 ``bad_digest``. The local store's PUT
+endpoints answer as S3: 400 ``BadDigest``, 412 ``PreconditionFailed``.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from xml.sax.saxutils import escape
 
 from pydantic import BaseModel, ValidationError
 
+from .. import _checksum
 from .._errors import InvalidKeyError, StorageError
 from .._keys import guess_content_type, validate_key
 from .._settings import Settings
@@ -75,10 +85,12 @@ from ._db import AssetDB, AssetRecord, AssetRow, UploadRow
 from ._locks import StripedLocks
 from ._store import (
     MAX_LIST_PARTS,
+    BadDigest,
     IncompleteBody,
     InvalidPart,
     NoSuchUpload,
     NotServedHere,
+    ObjectExists,
     ObjectInfo,
     ObjectStore,
     PartGrant,
@@ -106,6 +118,11 @@ DEFAULT_MIN_PART_BYTES: Final = MIN_PART_BYTES
 MAX_JSON_BYTES: Final = 2 * 1024 * 1024
 _DEFAULTS: Final = Settings()
 _MD5_HEX: Final = re.compile(r"[0-9a-f]{32}")
+#: What a multipart upload declared with a checksum is declared with.
+_CHECKSUM_TYPE: Final = "FULL_OBJECT"
+#: The WSGI names of the headers the local store's PUTs may carry signed.
+_CHECKSUM_ENVIRON: Final = "HTTP_" + _checksum.HEADER.upper().replace("-", "_")
+_IF_NONE_MATCH_ENVIRON: Final = "HTTP_IF_NONE_MATCH"
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,7 @@ _REASONS: Final = {
     405: "Method Not Allowed",
     409: "Conflict",
     411: "Length Required",
+    412: "Precondition Failed",
     422: "Unprocessable Content",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -258,6 +276,12 @@ class ReferenceBackend:
     def __repr__(self) -> str:
         return f"ReferenceBackend(store={self.store!r})"
 
+    @property
+    def signs_checksums(self) -> bool:
+        """Whether the store signs and verifies CRC64NVME (a store from before issue 11
+        has no such attribute, and does not)."""
+        return bool(getattr(self.store, "signs_checksums", False))
+
     # -- WSGI entry ------------------------------------------------------------------
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -340,8 +364,18 @@ class ReferenceBackend:
                 f"content_length {request.content_length} exceeds this backend's maximum "
                 f"of {self.max_content_length} bytes",
             )
+        # Only what was asked goes to the store: a store from before issue 11 takes none.
+        extra: dict[str, Any] = {}
+        if request.checksum is not None and self.signs_checksums:
+            extra["checksum"] = request.checksum
+        if request.if_none_match is not None:
+            extra["if_none_match"] = True
         signed = self.store.presign_put(
-            request.object_key, request.content_type, request.content_length, self.expires_sec
+            request.object_key,
+            request.content_type,
+            request.content_length,
+            self.expires_sec,
+            **extra,
         )
         return {
             "upload_url": signed.upload_url,
@@ -352,20 +386,30 @@ class ReferenceBackend:
 
     def _complete(self, request: CompleteRequest) -> dict[str, Any]:
         with self._key_lock(request.object_key):
-            stored = self._verify_stored(request.object_key, request.size_bytes, request.etag)
+            stored = self._verify_stored(
+                request.object_key, request.size_bytes, request.etag, request.checksum
+            )
             self.db.upsert(
                 request.object_key,
                 stored.etag,
                 stored.size_bytes,
                 request.content_type,
                 request.public_url,
+                checksum=stored.checksum,
             )
-        return {"status": "ok"}
+        return _with_checksum({"status": "ok", "etag": stored.etag}, stored.checksum)
 
-    def _verify_stored(self, key: str, size_bytes: int, etag: str) -> ObjectInfo:
-        """What the store holds under ``key``; 409 unless it has this size and ETag.
+    def _verify_stored(
+        self, key: str, size_bytes: int, etag: str | None, checksum: str | None = None
+    ) -> ObjectInfo:
+        """What the store holds under ``key``; 409 unless it has this size, ETag and checksum.
 
-        Under the key's lock, so that the object is still there when it is recorded.
+        The ETag and the checksum are checked when given (at least one is: a stored
+        checksum identifies the object as well as its ETag, for a client that never saw
+        the ETag). A store that holds no checksum for the object (one that keeps none,
+        or an object stored without) cannot confirm one: the ETag must then identify the
+        object. Under the key's lock, so that the object is still there when it is
+        recorded.
         """
         stored = self.store.head(key)
         if stored is None:
@@ -376,9 +420,22 @@ class ReferenceBackend:
                 "object_mismatch",
                 f"object '{key}' holds {stored.size_bytes} bytes, not {size_bytes}",
             )
-        if bare_etag(stored.etag) != bare_etag(etag):
+        if etag is not None and bare_etag(stored.etag) != bare_etag(etag):
             raise _HttpError(
                 409, "object_mismatch", f"object '{key}' has ETag {stored.etag}, not {etag}"
+            )
+        if checksum is not None and stored.checksum is None and etag is None:
+            raise _HttpError(
+                409,
+                "object_mismatch",
+                f"object '{key}' has no checksum in storage to compare with {checksum}; "
+                "give its etag",
+            )
+        if checksum is not None and stored.checksum not in (None, checksum):
+            raise _HttpError(
+                409,
+                "object_mismatch",
+                f"object '{key}' has CRC64NVME {stored.checksum} in storage, not {checksum}",
             )
         return stored
 
@@ -412,7 +469,10 @@ class ReferenceBackend:
         return {
             "status": "ok",
             "objects": [
-                {"object_key": r.object_key, "etag": r.etag, "public_url": r.public_url}
+                _with_checksum(
+                    {"object_key": r.object_key, "etag": r.etag, "public_url": r.public_url},
+                    r.checksum,
+                )
                 for r in records
             ],
         }
@@ -425,10 +485,15 @@ class ReferenceBackend:
         key = item.object_key
         try:
             if item.upload_id is None:
-                assert item.etag is not None and item.public_url is not None
-                stored = self._verify_stored(key, item.size_bytes, item.etag)
+                assert item.public_url is not None
+                stored = self._verify_stored(key, item.size_bytes, item.etag, item.checksum)
                 return AssetRecord(
-                    key, stored.etag, stored.size_bytes, item.content_type, item.public_url
+                    key,
+                    stored.etag,
+                    stored.size_bytes,
+                    item.content_type,
+                    item.public_url,
+                    checksum=stored.checksum,
                 )
             return self._set_upload(item, item.upload_id)
         except _HttpError as error:
@@ -443,6 +508,10 @@ class ReferenceBackend:
             parts=item.parts,
             size_bytes=item.size_bytes,
             content_type=item.content_type,
+            checksum_algorithm=item.checksum_algorithm,
+            checksum_type=_CHECKSUM_TYPE if item.checksum is not None else None,
+            checksum=item.checksum,
+            if_none_match=item.if_none_match,
         )
         digest = _completion_digest(request)
         public_url = self.store.public_url(key)
@@ -450,9 +519,14 @@ class ReferenceBackend:
         if completed_etag is not None:
             # Completed before, with these parts (a repeated set, or multipart/complete).
             # Recorded again only if the object is still the one it made.
-            stored = self._verify_stored(key, item.size_bytes, completed_etag)
+            stored = self._verify_stored(key, item.size_bytes, completed_etag, item.checksum)
             return AssetRecord(
-                key, completed_etag, stored.size_bytes, item.content_type, public_url
+                key,
+                completed_etag,
+                stored.size_bytes,
+                item.content_type,
+                public_url,
+                checksum=stored.checksum,
             )
         info = self._assemble(request)
         return AssetRecord(
@@ -463,6 +537,7 @@ class ReferenceBackend:
             public_url,
             upload_id=upload_id,
             digest=digest,
+            checksum=info.checksum,
         )
 
     # -- multipart extension -----------------------------------------------------------
@@ -499,11 +574,22 @@ class ReferenceBackend:
                 row = self.db.get_upload(upload_id)
                 if row is not None and not row.completed:
                     logger.info("initiate repeated with its Idempotency-Key: upload %s", upload_id)
-                    return self._initiate_answer(row.upload_id, row.part_size)
+                    return self._initiate_answer(row)
             return self._start_upload(request, idempotency_key, digest)
 
-    def _initiate_answer(self, upload_id: str, part_size: int) -> dict[str, Any]:
-        return {"upload_id": upload_id, "part_size": part_size, "expires_sec": self.expires_sec}
+    def _initiate_answer(self, row: UploadRow) -> dict[str, Any]:
+        """The initiate's answer; it echoes the checksum and condition taken on."""
+        answer: dict[str, Any] = {
+            "upload_id": row.upload_id,
+            "part_size": row.part_size,
+            "expires_sec": self.expires_sec,
+        }
+        if row.checksum:
+            answer["checksum_algorithm"] = _checksum.ALGORITHM
+            answer["checksum_type"] = _CHECKSUM_TYPE
+        if row.if_none_match:
+            answer["if_none_match"] = "*"
+        return answer
 
     def _start_upload(
         self, request: MultipartInitiateRequest, idempotency_key: str | None, digest: str
@@ -520,9 +606,14 @@ class ReferenceBackend:
             request.part_size or self.default_part_bytes,
             min_part_bytes=self.min_part_bytes,
         )
-        upload_id = self.store.create_multipart(request.object_key, request.content_type, part_size)
+        checksum = request.checksum_algorithm is not None and self.signs_checksums
+        # Only what was asked goes to the store: a store from before issue 11 takes none.
+        extra: dict[str, Any] = {"checksum": True} if checksum else {}
+        upload_id = self.store.create_multipart(
+            request.object_key, request.content_type, part_size, **extra
+        )
         try:
-            self.db.add_upload(
+            row = self.db.add_upload(
                 upload_id,
                 request.object_key,
                 request.content_type,
@@ -530,11 +621,14 @@ class ReferenceBackend:
                 part_size,
                 idempotency_key=idempotency_key,
                 request_digest=digest,
+                checksum=checksum,
+                # Taken on by every store: the backend's complete passes it on.
+                if_none_match=request.if_none_match is not None,
             )
         except BaseException:
             self.store.abort_multipart(request.object_key, upload_id)
             raise
-        return self._initiate_answer(upload_id, part_size)
+        return self._initiate_answer(row)
 
     def _multipart_presign(self, request: MultipartPresignRequest) -> dict[str, Any]:
         row = self._pending_upload(request.object_key, request.upload_id)
@@ -547,10 +641,24 @@ class ReferenceBackend:
                     f"part number {number} is outside 1..{count}, the parts of a "
                     f"{row.content_length}-byte upload in {row.part_size}-byte parts",
                 )
+        if request.checksums is not None and not row.checksum:
+            raise _HttpError(
+                400,
+                "bad_request",
+                f"checksums given for multipart upload {row.upload_id!r}, which was not "
+                "initiated with a checksum (or this backend's store does not sign them)",
+            )
+        checksums: Sequence[str | None] = request.checksums or [None] * len(request.part_numbers)
         parts = []
-        for number in request.part_numbers:
+        for number, checksum in zip(request.part_numbers, checksums, strict=True):
+            extra = {} if checksum is None else {"checksum": checksum}
             signed = self.store.presign_part(
-                row.object_key, row.upload_id, number, _part_length(row, number), self.expires_sec
+                row.object_key,
+                row.upload_id,
+                number,
+                _part_length(row, number),
+                self.expires_sec,
+                **extra,
             )
             parts.append(
                 {"part_number": number, "upload_url": signed.upload_url, "headers": signed.headers}
@@ -570,7 +678,14 @@ class ReferenceBackend:
             raise _no_such_upload(request.object_key, request.upload_id) from None
         return {
             "parts": [
-                {"part_number": part.part_number, "etag": part.etag, "size_bytes": part.size_bytes}
+                _with_checksum(
+                    {
+                        "part_number": part.part_number,
+                        "etag": part.etag,
+                        "size_bytes": part.size_bytes,
+                    },
+                    part.checksum,
+                )
                 for part in page.parts
             ],
             "is_truncated": page.is_truncated,
@@ -584,7 +699,11 @@ class ReferenceBackend:
         with self._upload_lock(upload_id):
             completed_etag = self._completed_etag(request, digest)
             if completed_etag is not None:
-                return {"public_url": public_url, "etag": completed_etag}
+                recorded = self.db.get(key)
+                checksum = request.checksum
+                if recorded is not None and recorded.etag == completed_etag:
+                    checksum = recorded.checksum
+                return _with_checksum({"public_url": public_url, "etag": completed_etag}, checksum)
             with self._key_lock(key):
                 info = self._assemble(request)
                 self.db.complete_upload(
@@ -594,8 +713,9 @@ class ReferenceBackend:
                     size_bytes=info.size_bytes,
                     content_type=request.content_type,
                     public_url=public_url,
+                    checksum=info.checksum,
                 )
-        return {"public_url": public_url, "etag": info.etag}
+        return _with_checksum({"public_url": public_url, "etag": info.etag}, info.checksum)
 
     def _completed_etag(self, request: MultipartCompleteRequest, digest: str) -> str | None:
         """The ETag the upload completed with, when it did with this part list.
@@ -626,6 +746,13 @@ class ReferenceBackend:
                 f"size_bytes {request.size_bytes} differs from the content_length "
                 f"{row.content_length} given at initiate"
             )
+        if request.checksum is not None and not row.checksum:
+            raise _HttpError(
+                400,
+                "bad_request",
+                f"a checksum was given for multipart upload {upload_id!r}, which was not "
+                "initiated with one (or this backend's store does not sign them)",
+            )
         return None
 
     def _assemble(self, request: MultipartCompleteRequest) -> ObjectInfo:
@@ -644,14 +771,35 @@ class ReferenceBackend:
             # complete assembled it and died before recording, the object is there.
             return self._recover_assembly(request)
         parts = self._verified_parts(request, held)
+        row = self.db.get_upload(upload_id)
+        conditional = request.if_none_match is not None or (row is not None and row.if_none_match)
+        # Only what was asked goes to the store: a store from before issue 11 takes none.
+        extra: dict[str, Any] = {}
+        if request.checksum is not None:
+            extra["checksum"] = request.checksum
+        if conditional:
+            extra["if_none_match"] = True
         try:
-            return self.store.complete_multipart(key, upload_id, parts)
+            return self.store.complete_multipart(key, upload_id, parts, **extra)
         except NoSuchUpload:
             # Gone between listing and assembling: assembled by a completion that
             # died before it recorded (or before the store cleaned up after it).
             return self._recover_assembly(request)
         except InvalidPart as exc:
             raise _invalid_part(str(exc)) from None
+        except BadDigest as exc:
+            raise _HttpError(400, "bad_digest", str(exc)) from None
+        except ObjectExists:
+            # Our own object, if a completion published it and died before the store
+            # dropped the upload: then nothing is replaced, and the upload is done.
+            stored = self.store.head(key)
+            if stored is not None and self._is_assembly_of(request, stored):
+                logger.info("multipart upload %s of %s was assembled before", upload_id, key)
+                self.store.abort_multipart(key, upload_id)
+                return stored
+            raise _HttpError(
+                412, "object_exists", f"an object is already stored at '{key}'"
+            ) from None
         except UploadRejected as rejected:
             raise _HttpError(400, "bad_request", rejected.message) from None
 
@@ -695,17 +843,25 @@ class ReferenceBackend:
 
     def _recover_assembly(self, request: MultipartCompleteRequest) -> ObjectInfo:
         key, upload_id = request.object_key, request.upload_id
-        bare = [bare_etag(part.etag) for part in request.parts]
         stored = self.store.head(key)
-        if (
-            stored is None
-            or stored.size_bytes != request.size_bytes
-            or not all(_MD5_HEX.fullmatch(etag) for etag in bare)
-            or bare_etag(stored.etag) != bare_etag(multipart_etag(bare))
-        ):
+        if stored is None or not self._is_assembly_of(request, stored):
             raise _no_such_upload(key, upload_id)
         logger.info("multipart upload %s of %s was assembled before; recording it", upload_id, key)
         return stored
+
+    @staticmethod
+    def _is_assembly_of(request: MultipartCompleteRequest, stored: ObjectInfo) -> bool:
+        """Whether ``stored`` is the object this completion makes: its size, and the
+        multipart ETag of these parts or the whole-object checksum given (never the size
+        alone)."""
+        if stored.size_bytes != request.size_bytes:
+            return False
+        if request.checksum is not None and stored.checksum == request.checksum:
+            return True
+        bare = [bare_etag(part.etag) for part in request.parts]
+        return all(_MD5_HEX.fullmatch(etag) for etag in bare) and bare_etag(
+            stored.etag
+        ) == bare_etag(multipart_etag(bare))
 
     def _multipart_abort(self, request: MultipartAbortRequest) -> dict[str, Any]:
         key, upload_id = request.object_key, request.upload_id
@@ -724,16 +880,21 @@ class ReferenceBackend:
     def _upload(self, environ: Environ, start_response: StartResponse, raw_key: str) -> list[bytes]:
         store = self.store
 
-        def authorize(
-            length: int, content_type: str, expires: str | None, signature: str | None
-        ) -> UploadGrant:
+        def authorize(request: _SignedRequest) -> UploadGrant:
             key = validate_key(_wsgi_path_to_text(raw_key))
+            # The headers go to the store only when sent: one from before issue 11 takes none.
+            extra: dict[str, Any] = {}
+            if request.checksum is not None:
+                extra["checksum"] = request.checksum
+            if request.if_none_match is not None:
+                extra["if_none_match"] = request.if_none_match
             return store.authorize(
                 key,
-                content_type=content_type,
-                content_length=length,
-                expires=expires,
-                signature=signature,
+                content_type=request.content_type,
+                content_length=request.length,
+                expires=request.expires,
+                signature=request.signature,
+                **extra,
             )
 
         return self._signed_put(environ, start_response, authorize, store.receive)
@@ -747,15 +908,15 @@ class ReferenceBackend:
         valid = number_text.isascii() and number_text.isdigit() and len(number_text) <= 5
         part_number = int(number_text) if valid else 0
 
-        def authorize(
-            length: int, content_type: str, expires: str | None, signature: str | None
-        ) -> PartGrant:
+        def authorize(request: _SignedRequest) -> PartGrant:
+            extra = {} if request.checksum is None else {"checksum": request.checksum}
             return store.authorize_part(
                 upload_id,
                 part_number,
-                content_length=length,
-                expires=expires,
-                signature=signature,
+                content_length=request.length,
+                expires=request.expires,
+                signature=request.signature,
+                **extra,
             )
 
         return self._signed_put(environ, start_response, authorize, store.receive_part)
@@ -764,7 +925,7 @@ class ReferenceBackend:
         self,
         environ: Environ,
         start_response: StartResponse,
-        authorize: Callable[[int, str, str | None, str | None], _Grant],
+        authorize: Callable[[_SignedRequest], _Grant],
         receive: Callable[[_Grant, BinaryIO], ObjectInfo],
     ) -> list[bytes]:
         """Check a presigned PUT like S3 does, then stream its body into the store."""
@@ -774,12 +935,17 @@ class ReferenceBackend:
             return refused
         length = int(environ["CONTENT_LENGTH"])
         query = parse_qs(environ.get("QUERY_STRING", ""))
+        checksum = environ.get(_CHECKSUM_ENVIRON)
         try:
             grant = authorize(
-                length,
-                environ.get("CONTENT_TYPE", ""),
-                query.get("expires", [None])[0],
-                query.get("signature", [None])[0],
+                _SignedRequest(
+                    length=length,
+                    content_type=environ.get("CONTENT_TYPE", ""),
+                    expires=query.get("expires", [None])[0],
+                    signature=query.get("signature", [None])[0],
+                    checksum=None if checksum is None else str(checksum),
+                    if_none_match=_optional_text(environ.get(_IF_NONE_MATCH_ENVIRON)),
+                )
             )
         except NotServedHere:
             raise _HttpError(
@@ -794,9 +960,27 @@ class ReferenceBackend:
         except IncompleteBody as exc:
             logger.info("upload to %s abandoned: %s", environ.get("PATH_INFO"), exc)
             return _s3_error(start_response, 400, "IncompleteBody", str(exc))
+        except BadDigest:
+            return _s3_error(
+                start_response,
+                400,
+                "BadDigest",
+                "The CRC64NVME you specified did not match the calculated checksum.",
+            )
+        except ObjectExists:
+            return _s3_error(
+                start_response,
+                412,
+                "PreconditionFailed",
+                "At least one of the pre-conditions you specified did not hold",
+                condition="If-None-Match",
+            )
         except (UploadRejected, NoSuchUpload) as refusal:
             return _s3_refusal(start_response, refusal)
-        return _respond(start_response, 200, b"", None, [("ETag", info.etag)])
+        headers = [("ETag", info.etag)]
+        if checksum is not None and info.checksum is not None:
+            headers.append((_checksum.HEADER, info.checksum))  # as S3 answers a checked PUT
+        return _respond(start_response, 200, b"", None, headers)
 
     def _download(
         self, environ: Environ, start_response: StartResponse, raw_key: str
@@ -827,6 +1011,31 @@ class ReferenceBackend:
             handle.close()
             return []
         return _file_blocks(handle)
+
+
+@dataclass(frozen=True)
+class _SignedRequest:
+    """What a presigned PUT presents to be checked against its signature."""
+
+    length: int
+    content_type: str
+    expires: str | None
+    signature: str | None
+    #: The ``x-amz-checksum-crc64nvme`` and ``If-None-Match`` headers, None when absent.
+    checksum: str | None
+    if_none_match: str | None
+
+
+def _with_checksum(answer: dict[str, Any], checksum: str | None) -> dict[str, Any]:
+    """``answer`` with the CRC64NVME storage holds, when it holds one (the field is
+    optional: an answer without it has the shape it had before issue 11)."""
+    if checksum is not None:
+        answer["checksum"] = checksum
+    return answer
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _served_content_type(key: str, row: AssetRow | None) -> str:
@@ -908,12 +1117,14 @@ def _check_part_order(parts: Sequence[CompletedPart]) -> None:
 
 
 def _completion_digest(request: MultipartCompleteRequest) -> str:
-    """What identifies a completion: the size and each part's number and bare ETag."""
-    text = ";".join(
-        [str(request.size_bytes)]
-        + [f"{part.part_number}={bare_etag(part.etag)}" for part in request.parts]
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """What identifies a completion: the size, each part's number and bare ETag, and the
+    whole-object checksum when one is given (a completion without one digests as before
+    issue 11, so that the rows of older completions still answer their repeats)."""
+    fields = [str(request.size_bytes)]
+    fields += [f"{part.part_number}={bare_etag(part.etag)}" for part in request.parts]
+    if request.checksum is not None:
+        fields.append(f"{_checksum.ALGORITHM}={request.checksum}")
+    return hashlib.sha256(";".join(fields).encode("utf-8")).hexdigest()
 
 
 def _framing_refusal(environ: Environ, start_response: StartResponse) -> list[bytes] | None:
@@ -1025,8 +1236,12 @@ def _s3_error(
     code: str,
     message: str,
     header_name: str | None = None,
+    *,
+    condition: str | None = None,
 ) -> list[bytes]:
     extra = f"<HeaderName>{escape(header_name)}</HeaderName>" if header_name else ""
+    if condition:
+        extra += f"<Condition>{escape(condition)}</Condition>"
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>{extra}</Error>"
