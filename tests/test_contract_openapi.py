@@ -64,31 +64,52 @@ COMPLETE_SET = "POST /internal/storage/complete-set"
 def _refused_for_the_uploads_state(
     ctx: Any, response: schemathesis.Response, case: schemathesis.Case
 ) -> bool:
-    """Whether a 400 to schema-valid data is one of the three the document lists.
+    """Whether a 400 to schema-valid data is one of those the document lists.
 
     JSON Schema cannot say "at most this upload's part count", "the parts storage
-    holds, in order" or "each object_key once", so a schema-valid body can still be
-    refused: presign-parts with a part number past the part count (the part count is
-    taken from the initiate this request followed), multipart complete (and an upload
-    in complete-set) with ``invalid_part``, and complete-set with ``bad_request`` when
-    two objects share a key. Any other 400 to valid data remains a failure.
+    holds, in order", "each object_key once", "one checksum per part number" or "an
+    upload initiated with a checksum", so a schema-valid body can still be refused:
+    presign-parts with a part number past the part count (the part count is taken
+    from the initiate this request followed), or with ``checksums`` of another count
+    than ``part_numbers`` or for an upload initiated without one; multipart complete
+    (and an upload in complete-set) with ``invalid_part`` or ``bad_digest``, or with
+    ``bad_request`` for a checksum given to an upload initiated without one; and
+    complete-set with ``bad_request`` when two objects share a key. Any other 400 to
+    valid data remains a failure.
     """
     if case.operation.label not in (PRESIGN_PARTS, MULTIPART_COMPLETE, COMPLETE_SET):
         return False
     error = response.json().get("error") if response.status_code == 400 else None
-    if case.operation.label == MULTIPART_COMPLETE:
-        return error == "invalid_part"
+    body = case.body if isinstance(case.body, dict) else {}
     if case.operation.label == COMPLETE_SET:
-        return error == "invalid_part" or (error == "bad_request" and _repeats_a_key(case.body))
+        return error in ("invalid_part", "bad_digest") or (
+            error == "bad_request" and _repeats_a_key(case.body)
+        )
+    if case.operation.label == PRESIGN_PARTS and error == "bad_request":
+        checksums, numbers = body.get("checksums"), body.get("part_numbers")
+        if (
+            isinstance(checksums, list)
+            and isinstance(numbers, list)
+            and len(checksums) != len(numbers)
+        ):
+            return True
+    if case.operation.label == MULTIPART_COMPLETE and error in ("invalid_part", "bad_digest"):
+        return True
     initiate = ctx.internals.find_parent(case_id=case.id)
     if error != "bad_request" or initiate is None or initiate.operation.label != INITIATE:
         return False
     initiated = ctx.internals.find_response(case_id=initiate.id)
     if initiated is None or initiated.status_code != 200:
         return False
+    # Checksums for an upload the backend did not take a checksum on (issue 11).
+    unchecked = initiated.json().get("checksum_algorithm") is None
+    if case.operation.label == MULTIPART_COMPLETE:
+        return unchecked and body.get("checksum") is not None
+    if unchecked and body.get("checksums") is not None:
+        return True
     part_size = initiated.json()["part_size"]
     part_count = max(1, -(-initiate.body["content_length"] // part_size))
-    return any(number > part_count for number in case.body["part_numbers"])
+    return any(number > part_count for number in body["part_numbers"])
 
 
 def _repeats_a_key(body: Any) -> bool:
@@ -273,3 +294,47 @@ def test_ignored_auth_passes_the_backend_and_fails_one_that_skips_the_token(
     ignored = lax["/internal/storage/presign-put"]["POST"].Case(body=body)
     with pytest.raises(FailureGroup, match="without authentication"):
         ignored.call_and_validate(headers=AUTH, checks=[ignored_auth])
+
+
+@pytest.mark.parametrize(
+    ("schema", "model"),
+    [
+        (name, name)
+        for name in (
+            "PresignRequest",
+            "PresignResponse",
+            "CompleteRequest",
+            "CompleteResponse",
+            "DeleteRequest",
+            "StatusResponse",
+            "MultipartInitiateRequest",
+            "MultipartInitiateResponse",
+            "MultipartPresignRequest",
+            "MultipartPresignResponse",
+            "PresignedPart",
+            "MultipartListRequest",
+            "MultipartListResponse",
+            "ListedPart",
+            "CompletedPart",
+            "MultipartCompleteRequest",
+            "MultipartCompleteResponse",
+            "MultipartAbortRequest",
+            "CompleteSetRequest",
+            "CompleteSetResponse",
+            "CompletedObject",
+        )
+    ]
+    + [
+        ("CompleteSetStoredObject", "CompleteSetObject"),
+        ("CompleteSetMultipartObject", "CompleteSetObject"),
+    ],
+)
+def test_each_document_schema_names_exactly_its_models_fields(schema: str, model: str) -> None:
+    """The document and protocol/_contract.py name the same fields (issue 11 added many)."""
+    import yaml
+
+    from ctrlupload.protocol import _contract
+    from ctrlupload.server import openapi_document
+
+    schemas = yaml.safe_load(openapi_document())["components"]["schemas"]
+    assert set(schemas[schema]["properties"]) == set(getattr(_contract, model).model_fields)
