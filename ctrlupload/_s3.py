@@ -214,7 +214,7 @@ class _S3Client(Protocol):
         HttpMethod: str,
     ) -> str: ...
 
-    def head_object(self, *, Bucket: str, Key: str, ChecksumMode: str) -> dict[str, Any]: ...
+    def head_object(self, **kwargs: Any) -> dict[str, Any]: ...
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]: ...
 
@@ -456,14 +456,28 @@ class S3Bucket:
                 Bucket=self._bucket, Key=key, ChecksumMode="ENABLED"
             )
         except self._boto_errors as exc:
-            if _status_of(exc) == HTTPStatus.NOT_FOUND:
+            status = _status_of(exc)
+            if status == HTTPStatus.NOT_FOUND:
                 return None
-            raise self._error("HeadObject", key, exc) from exc
+            if status != HTTPStatus.FORBIDDEN:
+                raise self._error("HeadObject", key, exc) from exc
+            # Reading an SSE-KMS object's checksum needs kms:Decrypt, which a HEAD
+            # without it does not: the size and ETag are still worth having.
+            return self._head_without_checksum(key)
         return ObjectInfo(
             size_bytes=int(response["ContentLength"]),
             etag=str(response["ETag"]),
             checksum=_full_object_checksum(response),
         )
+
+    def _head_without_checksum(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self._client.head_object(Bucket=self._bucket, Key=key)
+        except self._boto_errors as exc:
+            if _status_of(exc) == HTTPStatus.NOT_FOUND:
+                return None
+            raise self._error("HeadObject", key, exc) from exc
+        return ObjectInfo(size_bytes=int(response["ContentLength"]), etag=str(response["ETag"]))
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error.

@@ -157,11 +157,17 @@ class _PartTwoMisSigned(LocalObjectStore):
     """Signs part 2 for one byte more than it holds: every PUT of it gets 403."""
 
     def presign_part(
-        self, key: str, upload_id: str, part_number: int, content_length: int, expires_sec: int
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        content_length: int,
+        expires_sec: int,
+        **options: Any,
     ) -> PresignedPut:
         extra = 1 if part_number == 2 else 0
         return super().presign_part(
-            key, upload_id, part_number, content_length + extra, expires_sec
+            key, upload_id, part_number, content_length + extra, expires_sec, **options
         )
 
 
@@ -302,7 +308,9 @@ def test_a_failing_part_on_moto_aborts_and_leaves_no_pending_upload(
             signed: PresignedPut = super().presign_part(*args, **kwargs)
             part_number = args[2] if len(args) > 2 else kwargs["part_number"]
             if part_number == 2:  # a closed port: connection refused on every attempt
-                return PresignedPut("http://127.0.0.1:9/unreachable?sig=x", {}, signed.expires_sec)
+                return PresignedPut(
+                    "http://127.0.0.1:9/unreachable?sig=x", signed.headers, signed.expires_sec
+                )
             return signed
 
     bucket = moto_s3.make_bucket()

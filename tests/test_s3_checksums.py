@@ -703,3 +703,34 @@ def test_if_none_match_at_complete_is_object_exists_and_the_upload_stays(
     assert stored is not None and stored.size_bytes == 5
     assert len(moto_bucket.list_parts(KEY, upload_id).parts) == 2
     moto_bucket.abort_multipart(KEY, upload_id)
+
+
+def test_head_without_kms_decrypt_still_answers_size_and_etag(
+    stubbed: tuple[S3Bucket, Any],
+) -> None:
+    # An SSE-KMS object's checksum needs kms:Decrypt; HEAD without ChecksumMode does not.
+    bucket, stubber = stubbed
+    stubber.add_client_error(
+        "head_object",
+        service_error_code="403",
+        http_status_code=403,
+        expected_params={"Bucket": "renders", "Key": KEY, "ChecksumMode": "ENABLED"},
+    )
+    stubber.add_response("head_object", head_answer(), {"Bucket": "renders", "Key": KEY})
+
+    stored = bucket.head(KEY)
+
+    assert stored is not None and (stored.size_bytes, stored.checksum) == (SIZE, None)
+
+
+def test_head_forbidden_both_ways_is_an_error(stubbed: tuple[S3Bucket, Any]) -> None:
+    bucket, stubber = stubbed
+    for params in ({"ChecksumMode": "ENABLED"}, {}):
+        stubber.add_client_error(
+            "head_object",
+            service_error_code="403",
+            http_status_code=403,
+            expected_params={"Bucket": "renders", "Key": KEY, **params},
+        )
+    with pytest.raises(ObjectStoreError):
+        bucket.head(KEY)

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from .._errors import (
+    IntegrityError,
+    ObjectExistsError,
     S3AccessDeniedError,
     S3BucketNotFoundError,
     S3CredentialsError,
@@ -36,8 +38,17 @@ from .._settings import Settings, StorageProvider
 from .._transport import HttpResult
 from ..engine._engine import UploadEngine
 from ..engine._signer import CompletedUpload, MultipartUpload, SetObject, SignedPut
-from ..protocol import s3_error_fields, s3_error_region
-from ..protocol._objects import InvalidPart, NoSuchUpload, PartsPage, StoredPart, all_parts
+from ..protocol import bare_etag, s3_error_fields, s3_error_region
+from ..protocol._objects import (
+    BadDigest,
+    InvalidPart,
+    NoSuchUpload,
+    ObjectExists,
+    ObjectInfo,
+    PartsPage,
+    StoredPart,
+    all_parts,
+)
 from ._backend import transport_for
 from ._base import EngineProvider
 
@@ -61,6 +72,7 @@ _LABELS: Final = {
     "initiate": "Multipart initiate failed",
     "presign-parts": "Part presign failed",
     "list-parts": "List parts failed",
+    "complete": "Complete check failed",
     "complete-multipart": "Multipart complete failed",
     "abort": "Multipart abort failed",
 }
@@ -91,10 +103,26 @@ class S3Signer:
 
     # -- whole objects -------------------------------------------------------------------
 
-    def presign_put(self, key: str, content_type: str, size_bytes: int) -> SignedPut:
+    def presign_put(
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
+    ) -> SignedPut:
+        """Presign the PUT, with the checksum and the condition signed as headers."""
         expires_at = time.time() + URL_EXPIRY_S
         try:
-            signed = self._bucket.presign_put(key, content_type, size_bytes, URL_EXPIRY_S)
+            signed = self._bucket.presign_put(
+                key,
+                content_type,
+                size_bytes,
+                URL_EXPIRY_S,
+                checksum=checksum,
+                if_none_match=if_none_match,
+            )
         except ObjectStoreError as error:
             raise self.error(key, "presign", error) from None
         except ValueError as exc:
@@ -102,9 +130,36 @@ class S3Signer:
         return SignedPut(signed.upload_url, signed.headers, expires_at, self.public_url(key))
 
     def complete(
-        self, key: str, etag: str, size_bytes: int, content_type: str, public_url: str
-    ) -> None:
-        """Nothing to record: S3's answer to the PUT (checked by the engine) is the record."""
+        self,
+        key: str,
+        etag: str | None,
+        size_bytes: int,
+        content_type: str,
+        public_url: str,
+        *,
+        checksum: str | None = None,
+        confirm: bool = False,
+    ) -> str | None:
+        """Nothing to record: S3's answer to the PUT (checked by the engine) is the record.
+
+        With ``confirm`` (the PUT's answer was lost), HEAD must show this object: its
+        size, and its checksum (else its ETag). Otherwise the object at the key is
+        someone else's: :class:`S3Error` with ``status_code`` 409.
+        """
+        if not confirm:
+            return etag
+        try:
+            stored = self._bucket.head(key)
+        except ObjectStoreError as error:
+            raise self.error(key, "complete", error) from None
+        if stored is None or not _is_this_object(stored, size_bytes, etag, checksum):
+            raise S3Error(
+                key,
+                f"{_LABELS['complete']}: the object at '{key}' is not the one this upload sent",
+                phase="complete",
+                status_code=409,
+            )
+        return stored.etag
 
     def complete_set(self, objects: Sequence[SetObject]) -> list[CompletedUpload]:
         """Assemble the multipart uploads in order; S3 itself has nothing else to record.
@@ -115,12 +170,29 @@ class S3Signer:
         done: list[CompletedUpload] = []
         for item in objects:
             if item.upload_id is None:
-                assert item.etag is not None and item.public_url is not None
-                done.append(CompletedUpload(item.public_url, item.etag))
+                assert item.public_url is not None
+                etag = item.etag
+                if etag is None:  # an unconfirmed PUT: find it by its size and checksum
+                    etag = self.complete(
+                        item.key,
+                        None,
+                        item.size_bytes,
+                        item.content_type,
+                        item.public_url,
+                        checksum=item.checksum,
+                        confirm=True,
+                    )
+                done.append(CompletedUpload(item.public_url, etag or "", item.checksum))
             else:
                 done.append(
                     self.complete_multipart(
-                        item.key, item.upload_id, item.parts, item.size_bytes, item.content_type
+                        item.key,
+                        item.upload_id,
+                        item.parts,
+                        item.size_bytes,
+                        item.content_type,
+                        checksum=item.checksum,
+                        if_none_match=item.if_none_match,
                     )
                 )
         return done
@@ -134,29 +206,51 @@ class S3Signer:
     # -- multipart -----------------------------------------------------------------------
 
     def initiate(
-        self, key: str, content_type: str, size_bytes: int, part_size: int
+        self,
+        key: str,
+        content_type: str,
+        size_bytes: int,
+        part_size: int,
+        *,
+        checksum: bool = False,
+        if_none_match: bool = False,
     ) -> MultipartUpload:
         """CreateMultipartUpload; S3 takes any part size the engine prefers.
 
+        With ``checksum`` the upload is declared CRC64NVME, ``FULL_OBJECT``. S3 takes
+        ``If-None-Match`` at CompleteMultipartUpload, so the condition is always on offer.
         botocore retries the call; an attempt whose answer was lost leaves an upload
         that is never completed (a bucket lifecycle rule for incomplete multipart
         uploads removes it).
         """
         try:
-            upload_id = self._bucket.create_multipart(key, content_type)
+            upload_id = self._bucket.create_multipart(key, content_type, checksum=checksum)
         except ObjectStoreError as error:
             raise self.error(key, "initiate", error) from None
-        return MultipartUpload(upload_id, part_size)
+        return MultipartUpload(upload_id, part_size, checksum=checksum, if_none_match=True)
 
     def presign_parts(
-        self, key: str, upload_id: str, part_numbers: Sequence[int]
+        self,
+        key: str,
+        upload_id: str,
+        part_numbers: Sequence[int],
+        *,
+        checksums: Sequence[str] | None = None,
     ) -> Mapping[int, SignedPut]:
-        """Part URLs, with their lengths unsigned: this signer is the uploader itself."""
+        """Part URLs, with their lengths unsigned: this signer is the uploader itself.
+        Each part's checksum, when given, is signed as a header."""
         expires_at = time.time() + URL_EXPIRY_S
         signed: dict[int, SignedPut] = {}
-        for number in part_numbers:
+        for index, number in enumerate(part_numbers):
             try:
-                part = self._bucket.presign_part(key, upload_id, number, None, URL_EXPIRY_S)
+                part = self._bucket.presign_part(
+                    key,
+                    upload_id,
+                    number,
+                    None,
+                    URL_EXPIRY_S,
+                    checksum=None if checksums is None else checksums[index],
+                )
             except ObjectStoreError as error:
                 raise self.error(key, "presign-parts", error) from None
             except ValueError as exc:
@@ -187,22 +281,43 @@ class S3Signer:
         parts: Sequence[tuple[int, str]],
         size_bytes: int,
         content_type: str,
+        *,
+        checksum: str | None = None,
+        if_none_match: bool = False,
     ) -> CompletedUpload:
         """CompleteMultipartUpload, checked by HEAD (see :meth:`S3Bucket.complete_multipart`).
 
-        If S3 no longer knows the upload, a retry of this call may have followed an
-        attempt that did complete it: a HEAD showing exactly these parts assembled
+        If S3 no longer knows the upload, or refuses a conditional complete because the
+        object exists, a retry of this call may have followed an attempt that did
+        complete it: a HEAD showing exactly these parts assembled (and this checksum)
         counts as done.
         """
         stored = [StoredPart(number, etag, 0) for number, etag in parts]
         phase = "complete-multipart"
         try:
-            info = self._bucket.complete_multipart(key, upload_id, stored, expected_size=size_bytes)
-        except NoSuchUpload:
+            info = self._bucket.complete_multipart(
+                key,
+                upload_id,
+                stored,
+                expected_size=size_bytes,
+                checksum=checksum,
+                if_none_match=if_none_match,
+            )
+        except (NoSuchUpload, ObjectExists) as refusal:
             try:
-                confirmed = self._bucket.confirm_assembled(key, stored, expected_size=size_bytes)
+                confirmed = self._bucket.confirm_assembled(
+                    key, stored, expected_size=size_bytes, checksum=checksum
+                )
             except ObjectStoreError as error:
                 raise self.error(key, phase, error) from None
+            if confirmed is None and isinstance(refusal, ObjectExists):
+                raise ObjectExistsError(
+                    key,
+                    f"{_LABELS[phase]}: an object already exists at '{key}' and "
+                    "overwrite=False; it was left as it is",
+                    phase=phase,
+                    status_code=412,
+                ) from None
             if confirmed is None:
                 raise S3Error(
                     key,
@@ -215,9 +330,17 @@ class S3Signer:
             info = confirmed
         except InvalidPart as exc:
             raise S3Error(key, f"{_LABELS[phase]}: {exc}", phase=phase, status_code=400) from None
+        except BadDigest as exc:
+            raise IntegrityError(
+                key,
+                f"{_LABELS[phase]}: S3 found that the parts do not add up to the whole "
+                f"object's CRC64NVME, and assembled nothing ({exc})",
+                phase=phase,
+                status_code=400,
+            ) from None
         except ObjectStoreError as error:
             raise self.error(key, phase, error) from None
-        return CompletedUpload(self.public_url(key), info.etag)
+        return CompletedUpload(self.public_url(key), info.etag, info.checksum or checksum)
 
     def abort(self, key: str, upload_id: str) -> None:
         try:
@@ -308,6 +431,18 @@ class S3Signer:
                 f"STORAGE_S3_REGION={region}"
             )
         return f"Bucket '{bucket}' is in another region than {ours}: set STORAGE_S3_REGION"
+
+
+def _is_this_object(
+    stored: ObjectInfo, size_bytes: int, etag: str | None, checksum: str | None
+) -> bool:
+    """Whether HEAD's answer is the object sent: its size, and its checksum when one
+    was sent (else its ETag)."""
+    if stored.size_bytes != size_bytes:
+        return False
+    if checksum is not None:
+        return stored.checksum == checksum
+    return etag is not None and bare_etag(stored.etag) == bare_etag(etag)
 
 
 def bucket_for(settings: Settings, *, max_attempts: int) -> S3Bucket:
