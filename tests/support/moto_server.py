@@ -17,7 +17,12 @@ and MinIO reject each with 403 SignatureDoesNotMatch/AccessDenied, or 501 for ch
 * expiry: a URL is accepted after ``X-Amz-Expires`` has passed;
 * the signed ``Content-Type``: another type is accepted and stored as sent;
 * the signed ``Content-Length``: a body of another length is accepted;
-* framing: ``Transfer-Encoding: chunked`` is accepted (and decoded) instead of 501.
+* framing: ``Transfer-Encoding: chunked`` is accepted (and decoded) instead of 501;
+* checksums (issue 11): a signed ``x-amz-checksum-crc64nvme`` that does not match the
+  body is stored anyway (S3: 400 BadDigest), a part's too, and a wrong full-object
+  checksum at CompleteMultipartUpload still assembles the object. It does enforce
+  ``If-None-Match: *`` (412), on a PUT and at complete. docs/contract.md ("What moto
+  checks") has the table; tests/test_s3_checksums.py pins it.
 
 It does enforce read access: an anonymous GET of an object answers 403 unless a bucket
 policy allows ``s3:GetObject``, as on S3 (:meth:`MotoS3Server.make_bucket` adds one).
