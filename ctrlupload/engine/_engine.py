@@ -276,6 +276,10 @@ class UploadEngine:
         self._no_complete_set = False
         self._no_checksum = False
         self._flags_lock = threading.Lock()
+        # Read once: which of the issue-11 keyword options each signer method takes.
+        self._signer_keywords = {
+            method: _keywords_taken(getattr(signer, method)) for method in _OPTIONED_METHODS
+        }
         if settings.storage_checksum is ChecksumMode.CRC64NVME and not _checksum.available():
             raise StorageConfigError(
                 "STORAGE_CHECKSUM=crc64nvme needs awscrt 0.28 or later, which is not "
@@ -476,7 +480,7 @@ class UploadEngine:
         ``overwrite=False``). Options left at their defaults are never passed.
         """
         function = getattr(self.signer, method)
-        taken = _keywords_taken(function)
+        taken = self._signer_keywords[method]
         given = {
             name: value
             for name, value in options.items()
@@ -1179,6 +1183,15 @@ def _set_object(staged: StagedUpload) -> SetObject:
         if_none_match=not staged.overwrite and staged.upload_id is not None,
     )
 
+
+#: The signer methods that take issue 11's keyword options (checksums, the condition).
+_OPTIONED_METHODS: Final = (
+    "presign_put",
+    "complete",
+    "initiate",
+    "presign_parts",
+    "complete_multipart",
+)
 
 #: How the engine names the signer calls it refuses the answer of.
 _PHASE_LABELS: Final = {
