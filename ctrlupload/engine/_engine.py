@@ -1013,16 +1013,15 @@ class UploadEngine:
             and checkpoint.fingerprint == fingerprint(source)
         )
         if not same_file:
-            logger.info("%s changed since its upload started; starting over", slot.path)
+            why = f"{slot.path} changed since its upload started"
         elif not overwrite and not checkpoint.if_none_match:
-            logger.info("upload %s was started without overwrite=False; starting over", key)
+            why = f"upload {key} was started without overwrite=False"
         elif checkpoint.checksum and not _checksum.available():
-            logger.info("upload %s was started with a CRC64NVME; starting over", key)
-        if (
-            not same_file
-            or (not overwrite and not checkpoint.if_none_match)
-            or (checkpoint.checksum and not _checksum.available())
-        ):
+            why = f"upload {key} was started with a CRC64NVME, and awscrt is gone"
+        else:
+            why = None
+        if why is not None:
+            logger.info("%s; starting over", why)
             abort_noting(self.signer, key, checkpoint.upload_id)  # an old upload
             slot.delete()
             return None
