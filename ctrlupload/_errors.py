@@ -173,6 +173,13 @@ class ObjectExistsError(StorageUploadError):
 
     default_phase = "upload"
 
+    @classmethod
+    def refused(cls, key: str, what: str = "", *, phase: str = "upload") -> ObjectExistsError:
+        """The error for a write to ``key`` that storage refused with 412; ``what``
+        (e.g. ``"Multipart complete failed"``) starts the reason when given."""
+        reason = f"an object already exists at '{key}' and overwrite=False; it was left as it is"
+        return cls(key, f"{what}: {reason}" if what else reason, phase=phase, status_code=412)
+
 
 class PartStopped(StorageUploadError):
     """A part stopped because another part of the same upload, or presigning the part

@@ -616,7 +616,7 @@ class UploadEngine:
             # 412: an object is at the key. After one attempt it is someone else's;
             # after a retry it may be what our own first attempt stored.
             if sent.attempts <= 1 or (not crc_signed and sent.md5_etag is None):
-                raise _object_exists(key, "Upload to presigned URL", "upload")
+                raise ObjectExistsError.refused(key, _REFUSED_PUT)
             logger.info(
                 "a retried PUT of %s was refused with 412: checking whether its first "
                 "attempt stored it",
@@ -1126,21 +1126,11 @@ def _quoted(digest: str | None) -> str | None:
     return None if digest is None else f'"{digest}"'
 
 
-def _object_exists(key: str, what: str, phase: str) -> ObjectExistsError:
-    return ObjectExistsError(
-        key,
-        f"{what} refused by storage (412): an object already exists at '{key}' and "
-        "overwrite=False; it was left as it is",
-        phase=phase,
-        status_code=412,
-    )
-
-
 def _exists_instead(staged: StagedUpload, error: StorageUploadError) -> StorageUploadError:
     """For an unconfirmed PUT (see :attr:`StagedUpload.unconfirmed`), a 409 from
     ``complete`` means the object at the key is not this upload's."""
     if staged.unconfirmed and error.status_code == 409:
-        return _object_exists(staged.key, "Upload to presigned URL", "upload")
+        return ObjectExistsError.refused(staged.key, _REFUSED_PUT)
     return error
 
 
@@ -1182,6 +1172,9 @@ def _set_object(staged: StagedUpload) -> SetObject:
         if_none_match=not staged.overwrite and staged.upload_id is not None,
     )
 
+
+#: How a PUT refused with 412 is named in an ObjectExistsError.
+_REFUSED_PUT: Final = "Upload to presigned URL refused by storage (412)"
 
 #: The signer methods that take issue 11's keyword options (checksums, the condition).
 _OPTIONED_METHODS: Final = (

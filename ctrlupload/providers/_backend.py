@@ -477,13 +477,7 @@ class BackendSigner:
         error_code = json_string_field(result.body, "error")
         error: StorageUploadError
         if result.status_code == 412 and error_code == "object_exists":
-            error = ObjectExistsError(
-                key,
-                f"{_LABELS[phase]}: an object already exists at '{key}' and overwrite=False; "
-                "it was left as it is",
-                phase=phase,
-                status_code=412,
-            )
+            error = ObjectExistsError.refused(key, _LABELS[phase], phase=phase)
         elif result.status_code == 400 and error_code == "bad_digest":
             error = IntegrityError(
                 key,

@@ -125,12 +125,7 @@ class LocalStorageProvider(ProviderBase):
             with contextlib.suppress(OSError):
                 temp_path.unlink()
             if isinstance(exc, FileExistsError):
-                raise ObjectExistsError(
-                    key,
-                    f"an object already exists at '{key}' and overwrite=False; it was left "
-                    "as it is",
-                    status_code=412,
-                ) from None
+                raise ObjectExistsError.refused(key) from None
             if isinstance(exc, OSError):
                 raise StorageUploadError(
                     key, f"Could not write {target}: {exc.strerror or exc}"

@@ -311,13 +311,7 @@ class S3Signer:
             except ObjectStoreError as error:
                 raise self.error(key, phase, error) from None
             if confirmed is None and isinstance(refusal, ObjectExists):
-                raise ObjectExistsError(
-                    key,
-                    f"{_LABELS[phase]}: an object already exists at '{key}' and "
-                    "overwrite=False; it was left as it is",
-                    phase=phase,
-                    status_code=412,
-                ) from None
+                raise ObjectExistsError.refused(key, _LABELS[phase], phase=phase) from None
             if confirmed is None:
                 raise S3Error(
                     key,
