@@ -86,16 +86,34 @@ def combine_all(pieces: Iterable[tuple[int, int]]) -> int:
     return total
 
 
-def crc_of_range(read_at: Callable[[int, int], bytes], offset: int, length: int) -> int | None:
-    """The CRC64NVME of ``length`` bytes at ``offset``; None if the source ends early."""
+def crc_of_range(
+    read_into: Callable[[int, memoryview], int],
+    offset: int,
+    length: int,
+    *,
+    buffer: bytearray | None = None,
+    before_block: Callable[[], None] | None = None,
+) -> int | None:
+    """The CRC64NVME of ``length`` bytes at ``offset``; None if the source ends early.
+
+    Args:
+        read_into: ``(offset, view) -> bytes read`` (``os.preadv`` style), into one
+            reused buffer: no allocation per block.
+        buffer: The buffer to read into; one of :data:`READ_BLOCK_BYTES` is made if
+            None.
+        before_block: Called before each block (a cancel check may raise there).
+    """
+    view = memoryview(buffer if buffer is not None else bytearray(min(READ_BLOCK_BYTES, length)))
     value = 0
     end = offset + length
     while offset < end:
-        block = read_at(offset, min(READ_BLOCK_BYTES, end - offset))
-        if not block:
+        if before_block is not None:
+            before_block()
+        got = read_into(offset, view[: min(len(view), end - offset)])
+        if got <= 0:
             return None
-        value = crc64nvme(block, value)
-        offset += len(block)
+        value = crc64nvme(view[:got], value)
+        offset += got
     return value
 
 

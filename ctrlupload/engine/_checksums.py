@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Final
 
 from .. import _checksum
 from .._errors import SourceFileError, UploadCancelled
@@ -23,9 +22,6 @@ from ..protocol import Part
 from ._streams import SourceReader
 
 __all__ = ["PartChecksums", "crc_of"]
-
-#: Bytes read (and checksummed) at a time.
-_BLOCK_BYTES: Final = 8 * 1024 * 1024
 
 
 def crc_of(
@@ -41,20 +37,19 @@ def crc_of(
         SourceFileError: The source could not be read, or ended early.
         UploadCancelled: ``cancel`` was set.
     """
-    view = memoryview(buffer if buffer is not None else bytearray(min(_BLOCK_BYTES, length)))
-    value = 0
-    end = offset + length
-    while offset < end:
+
+    def check_cancel() -> None:
         if cancel is not None and cancel.is_set():
             raise UploadCancelled(source.key)
-        got = source.read_into(offset, view[: min(len(view), end - offset)])
-        if got <= 0:
-            raise SourceFileError(
-                source.key,
-                "Source file changed during upload: it ended early while its checksum was computed",
-            )
-        value = _checksum.crc64nvme(view[:got], value)
-        offset += got
+
+    value = _checksum.crc_of_range(
+        source.read_into, offset, length, buffer=buffer, before_block=check_cancel
+    )
+    if value is None:
+        raise SourceFileError(
+            source.key,
+            "Source file changed during upload: it ended early while its checksum was computed",
+        )
     return value
 
 
@@ -125,7 +120,8 @@ class PartChecksums:
         return _checksum.encode(self.get(number))
 
     def _run(self) -> None:
-        buffer = bytearray(min(_BLOCK_BYTES, max((p.length for p in self._parts), default=1)))
+        largest = max((p.length for p in self._parts), default=1)
+        buffer = bytearray(min(_checksum.READ_BLOCK_BYTES, largest))
         for index, part in enumerate(self._parts):
             with self._ready:
                 while not self._stopped and index > self._wanted + self._ahead:

@@ -814,14 +814,14 @@ class LocalObjectStore:
         pieces: list[tuple[int, int]] = []
         with open(data, "rb", buffering=0) as source:
 
-            def read_at(offset: int, size: int) -> bytes:
-                return os.pread(source.fileno(), size, offset)
+            def read_into(offset: int, view: memoryview) -> int:
+                return os.preadv(source.fileno(), [view], offset)
 
             for part in parts:
                 crc = None if part.checksum is None else _checksum.decode(part.checksum)
                 if crc is None:
                     crc = _checksum.crc_of_range(
-                        read_at,
+                        read_into,
                         (part.part_number - 1) * part_size,
                         part.size_bytes,
                     )
