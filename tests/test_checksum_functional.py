@@ -215,6 +215,18 @@ def test_resume_drops_a_part_whose_recorded_checksum_differs(tmp_path: Path) -> 
         )
 
 
+def test_resume_without_awscrt_never_keeps_a_part_only_a_crc_could_vouch_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(4096)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    opaque = StoredPart(1, '"opaque"', len(data), crc(data))
+    monkeypatch.setattr(_checksum, "_crc", None)
+    with open_source(KEY, path) as source:
+        assert _kept_if_same(source, Part(1, 0, len(data)), opaque, want_crc=False) is None
+
+
 def test_the_local_provider_refuses_to_overwrite_when_asked(tmp_path: Path) -> None:
     settings = Settings(STORAGE_PROVIDER="local", STORAGE_LOCAL_ROOT=str(tmp_path / "root"))
     first, first_data = write(tmp_path, "a.mp4", 1024)

@@ -1077,28 +1077,31 @@ class _Kept:
 def _kept_if_same(
     source: SourceReader, part: Part, held: StoredPart, *, want_crc: bool
 ) -> _Kept | None:
-    """``held`` as a part to keep, if it is this part of the file (one read of it)."""
-    md5 = hashlib.md5(usedforsecurity=False)
+    """``held`` as a part to keep, if it is this part of the file (one read of it).
+
+    ``want_crc``: the upload checks a whole-object CRC64NVME, so the part's CRC is
+    needed either way (``_resume`` starts over when awscrt is missing).
+    """
+    md5_checked = etag_is_md5(held.etag, {})
+    crc_on = (want_crc or held.checksum is not None) and _checksum.available()
+    if not md5_checked and not (crc_on and held.checksum is not None):
+        return None  # nothing we can compute ties the stored part to these bytes
+    md5 = hashlib.md5(usedforsecurity=False) if md5_checked else None
     crc = 0
     offset, end = part.offset, part.offset + part.length
-    crc_on = (want_crc or held.checksum is not None) and _checksum.available()
     while offset < end:
         block = source.read_at(offset, min(_READ_BLOCK_BYTES, end - offset))
         if not block:
             return None
-        md5.update(block)
+        if md5 is not None:
+            md5.update(block)
         if crc_on:
             crc = _checksum.crc64nvme(block, crc)
         offset += len(block)
-    md5_checked = etag_is_md5(held.etag, {})
-    if md5_checked and bare_etag(held.etag) != md5.hexdigest():
+    if md5 is not None and bare_etag(held.etag) != md5.hexdigest():
         return None
     if held.checksum is not None and crc_on and held.checksum.strip() != _checksum.encode(crc):
         return None
-    if want_crc and not crc_on:
-        return None
-    if not md5_checked and held.checksum is None:
-        return None  # nothing ties the stored part to these bytes
     return _Kept(held.etag, md5_checked, crc if crc_on else None)
 
 
