@@ -230,11 +230,14 @@ def test_resume_without_awscrt_never_keeps_a_part_only_a_crc_could_vouch_for(
 def test_the_local_provider_refuses_to_overwrite_when_asked(tmp_path: Path) -> None:
     settings = Settings(STORAGE_PROVIDER="local", STORAGE_LOCAL_ROOT=str(tmp_path / "root"))
     first, first_data = write(tmp_path, "a.mp4", 1024)
-    second, _ = write(tmp_path, "b.mp4", 1024)
+    second, second_data = write(tmp_path, "b.mp4", 1024)
+    stored = tmp_path / "root" / KEY
     with LocalStorageProvider(settings) as provider:
         provider.put_file(first, KEY, overwrite=False)
         with pytest.raises(ObjectExistsError):
             provider.put_file(second, KEY, overwrite=False)
+        assert stored.read_bytes() == first_data  # untouched by the refused write
         provider.put_file(second, KEY)  # the default replaces it
+        assert stored.read_bytes() == second_data
+    # No temporary file left beside it.
     assert sorted(p.name for p in (tmp_path / "root").rglob("*") if p.is_file()) == ["video.mp4"]
-    assert first_data != second.read_bytes()
